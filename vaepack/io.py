@@ -1,0 +1,152 @@
+"""Image reading/writing and atomic outputs.
+
+Reading treats bad input as expected: every failure becomes an ImageError naming the file.
+Mode policy (documented in the README): RGBA/LA/transparent palette images are composited on
+white; grayscale is replicated to RGB; 16-bit images are scaled from 0..65535; CMYK/YCbCr/other
+modes are converted by Pillow; EXIF orientation is applied. Images above ``max_pixels`` are refused
+before decoding (decompression-bomb guard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from vaepack.errors import ImageError, OutputExistsError, UsageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+DEFAULT_MAX_PIXELS = 16384 * 16384  # ~268 MP; override with --max-pixels or VAEPACK_MAX_PIXELS
+
+
+def max_pixels_default() -> int:
+    env = os.environ.get("VAEPACK_MAX_PIXELS")
+    return int(env) if env else DEFAULT_MAX_PIXELS
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, force: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError("output exists", path=str(path), hint="use --force to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def check_output(path: Path, force: bool) -> None:
+    if Path(path).exists() and not force:
+        raise OutputExistsError("output exists", path=str(path), hint="use --force to overwrite")
+
+
+def load_image(path: Path, max_pixels: int | None = None) -> torch.Tensor:
+    """Read an image file as float32 (3, H, W) in [0, 1]."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    limit = max_pixels or max_pixels_default()
+    if path.is_dir():
+        raise ImageError("is a directory, not an image", path=str(path))
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImageError(f"cannot read ({e.strerror})", path=str(path)) from None
+    if size == 0:
+        raise ImageError("file is empty (0 bytes)", path=str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            old = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit below, before decoding
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+            w, h = im.size
+            if w * h > limit:
+                raise ImageError(f"{w}x{h} pixels exceeds the limit of {limit} pixels", path=str(path),
+                                 hint="raise --max-pixels / VAEPACK_MAX_PIXELS if this is intended")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image file Pillow can read", path=str(path)) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageError(f"corrupt or truncated image ({msg})", path=str(path)) from None
+    return pil_to_tensor(im)
+
+
+def pil_to_tensor(im) -> torch.Tensor:
+    from PIL import Image
+
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float32)
+        a = a / (65535.0 if a.max(initial=0) > 255 or mode.startswith("I;16") else 255.0)
+        a = np.repeat(a[..., None], 3, axis=2)
+    elif mode == "F":
+        a = np.repeat(np.asarray(im, dtype=np.float32)[..., None], 3, axis=2)
+    else:
+        if mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        elif mode == "LA" or mode == "PA":
+            im = im.convert("RGBA")
+        if im.mode == "RGBA":
+            # Transparency is composited on white: the usual "paper" background for photos/art.
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    a = np.clip(a, 0.0, 1.0)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+def tensor_to_pil(x: torch.Tensor):
+    from PIL import Image
+
+    a = x.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a, "RGB")
+
+
+def save_image(path: Path, x: torch.Tensor, force: bool = True) -> None:
+    """Save (3, H, W) in [0, 1] atomically; the format follows the suffix (PNG if unknown)."""
+    path = Path(path)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+           ".tiff": "TIFF"}.get(path.suffix.lower(), "PNG")
+    im = tensor_to_pil(x)
+    with atomic_output(path, force=force) as tmp:
+        im.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files, directories (their images, sorted) and glob patterns -> list of paths."""
+    import glob
+
+    out: list[Path] = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(ch in it for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(it, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise UsageError(f"no files match '{it}'")
+            out += matches
+        else:
+            out.append(p)  # missing files are reported per file, so --keep-going can skip them
+    if not out:
+        raise UsageError("no input images given")
+    return out

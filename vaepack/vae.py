@@ -1,0 +1,120 @@
+"""The one encode/decode contract every family goes through.
+
+``VAE.encode`` takes images in [0, 1] (float NCHW) and returns diffusion-space latents of the
+model's space; ``VAE.decode`` takes such latents and returns images in [0, 1]. The family-specific
+pixel range and latent convention are applied here, by the functions in vaepack/latents.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vaepack import latents as L
+from vaepack.errors import UsageError
+from vaepack.loader import family_attr, load_part
+from vaepack.manifest import ModelEntry, Space, get_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def check_dtype(entry: ModelEntry, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{dtype}' (choose fp32, bf16 or fp16)")
+    if dtype == "fp16" and not entry.fp16_safe:
+        raise UsageError(f"model '{entry.id}' overflows in fp16 (its activations exceed the fp16 range); "
+                         "use --dtype bf16 or fp32, or the fp16-fix weights where they exist")
+
+
+@dataclass
+class Part:
+    module: nn.Module
+    image_range: str  # "0,1" or "-1,1": what the network itself uses
+    native_is_diffusion: bool  # TAE/student output is already in diffusion space
+    sha256: str
+
+
+@dataclass
+class VAE:
+    entry: ModelEntry
+    parts: dict[str, Part] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
+    dtype: str = "fp32"
+
+    @property
+    def space(self) -> Space:
+        return self.entry.space
+
+    @property
+    def factor(self) -> int:
+        return self.entry.space.factor
+
+    def has(self, part: str) -> bool:
+        return part in self.parts
+
+    def _autocast(self):
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
+
+    def _bn_stats(self, module: nn.Module):
+        if self.space.norm != "flux2_bn":
+            return None
+        bn = getattr(module, "bn", None)
+        return (bn.running_mean, bn.running_var) if bn is not None else None
+
+    @torch.no_grad()
+    def encode(self, x01: torch.Tensor) -> torch.Tensor:
+        p = self.parts["encoder"]
+        x = L.to_model_range(x01.to(self.device, torch.float32), p.image_range)
+        if self.device.type == "cpu" and self.dtype != "fp32":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            m = p.module(x)
+        m = m.float().contiguous()
+        if p.native_is_diffusion:
+            return m
+        return L.mean_to_diffusion(m, self.space, self._bn_stats(p.module))
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        p = self.parts["decoder"]
+        z = z.to(self.device, torch.float32)
+        if not p.native_is_diffusion:
+            z = L.diffusion_to_mean(z, self.space, self._bn_stats(p.module))
+        if self.device.type == "cpu" and self.dtype != "fp32":
+            z = z.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            y = p.module(z)
+        return L.from_model_range(y.float(), p.image_range).clamp(0, 1).contiguous()
+
+
+def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str | None = None,
+             dtype: str = "fp32") -> VAE:
+    entry = get_model(model) if isinstance(model, str) else model
+    check_dtype(entry, dtype)
+    dev = pick_device(device)
+    vae = VAE(entry=entry, device=dev, dtype=dtype)
+    for part in parts:
+        module, _, digest = load_part(entry, part)
+        spec = entry.part(part)
+        module = module.to(dev)
+        if dev.type == "cpu" and dtype != "fp32":
+            module = module.to(memory_format=torch.channels_last)
+        if dtype == "fp16" and dev.type == "cuda":
+            module = module.half()
+        vae.parts[part] = Part(module=module, image_range=family_attr(spec, "IMAGE_RANGE", "0,1"),
+                               native_is_diffusion=family_attr(spec, "NATIVE_IS_DIFFUSION", True),
+                               sha256=digest)
+    return vae
