@@ -1,9 +1,57 @@
-"""Encoder/decoder distillation (paper 000, III-C). Stub; filled below."""
+"""Distillation of compact encoders and decoders from a teacher autoencoder (paper 000, III-C).
+
+Encoder: the student regresses the teacher's latent with Huber(beta=0.15), Adam lr 7.5e-4, a 128 px
+stage then a 256 px stage (paper 000, IV-B). Decoder: a small decoder regresses the teacher
+decoder's image plus an L1 pixel loss against the ground truth, from the teacher encoder's latents.
+
+CPU budget tricks (documented because they change what "a step" means versus the paper):
+- Teacher outputs are computed once per image view and cached in the run directory (the teacher
+  encoder costs more than a student forward+backward). A view is the whole image at a scale
+  (1x, and 1.5x bilinear like the paper-000 evaluation protocol, table III "Bilinear Pre") and
+  optionally mirrored. Crops are taken on the 8 px latent grid, so a crop's target is the teacher
+  latent computed with the full image as context; crop edges that are not image edges are masked
+  out of the loss (``border`` latent pixels), since the student cannot see that context.
+- Flips are applied to the whole image before the teacher runs (a conv net is not flip
+  equivariant, so flipping a cached latent would give a wrong target).
+- Warm-up then cosine LR decay, and an EMA of the weights, which is what gets exported.
+
+Everything a run needs to continue lives in ``run_dir``: ``checkpoint.pt`` (atomic writes),
+``teacher_cache.pt``, ``train.log``. Re-running the same call resumes.
+"""
+
 from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .errors import ImageError, UsageError, VaepackError
 
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+DEFAULT_SCHEDULE: tuple[tuple[int, int], ...] = ((128, 10000), (256, 10000))
+HUBER_BETA = 0.15  # paper 000, eq. (1)
+LR = 7.5e-4  # paper 000, IV-B
+
+log = logging.getLogger("vaepack.distill")
+
+
+# --------------------------------------------------------------------------------------- utils
 def count_macs(model: nn.Module, shape) -> int:
     """Multiply-accumulates of one forward pass (convs and linears only; they are >99% of the cost)."""
     total = 0
@@ -17,9 +65,603 @@ def count_macs(model: nn.Module, shape) -> int:
 
     hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
+        p = next(model.parameters(), None)
         with torch.no_grad():
-            model(torch.zeros(shape))
+            model(torch.zeros(shape, dtype=p.dtype if p is not None else torch.float32))
     finally:
         for h in hs:
             h.remove()
     return total
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def list_images(data_dir: str | os.PathLike) -> list[Path]:
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise ImageError("is not a folder", path=str(d), hint="pass a folder of training images")
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise ImageError(
+            "contains no images", path=str(d), hint=f"add {'/'.join(sorted(IMAGE_EXTS))} files or pick another folder"
+        )
+    return files
+
+
+def load_rgb(path: Path) -> torch.Tensor:
+    """uint8 (3, H, W). Raises ImageError naming the file if it cannot be decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise ImageError(f"cannot read image ({type(e).__name__})", path=str(path), hint="delete or replace it") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_images(data_dir, min_side: int = 16) -> list[tuple[Path, torch.Tensor]]:
+    """All readable images of a folder; unreadable or too small ones are skipped with a warning."""
+    out, bad = [], []
+    for p in list_images(data_dir):
+        try:
+            img = load_rgb(p)
+        except ImageError as e:
+            bad.append(str(e))
+            log.warning("skipping %s", e)
+            continue
+        if min(img.shape[1:]) < min_side:
+            bad.append(f"{p}: smaller than {min_side} px")
+            log.warning("skipping %s: smaller than %d px", p, min_side)
+            continue
+        out.append((p, img))
+    if not out:
+        raise ImageError(
+            f"no readable images ({len(bad)} skipped, first: {bad[0]})", path=str(data_dir), hint="fix or replace the files"
+        )
+    return out
+
+
+def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Float (B,3,H,W) resize: bilinear with antialias (paper 000 table III: bilinear 'pre')."""
+    if (h, w) == tuple(x.shape[-2:]):
+        return x
+    return F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError("CUDA requested but not available", hint="use --device cpu")
+    return torch.device(device)
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int, final_frac: float, kind: str) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if kind == "constant":
+        return base
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ---------------------------------------------------------------------------------- the pool
+@dataclass
+class View:
+    image: torch.Tensor  # uint8 (3, H, W), H and W multiples of 8
+    latent: torch.Tensor  # fp16 (C, H/8, W/8): teacher encoder output on the whole view
+    decoded: torch.Tensor | None = None  # uint8 (3, H, W): teacher decoder output (decoder runs)
+
+
+def _views_of(img: torch.Tensor, views: Sequence[tuple[float, bool]], factor: int, rng: random.Random):
+    """Float (1,3,h,w) views of an image at the given (scale, flip); sizes rounded to the latent grid."""
+    x = img[None].float() / 255
+    for scale, flip in views:
+        h = max(factor, int(round(img.shape[1] * scale / factor)) * factor)
+        w = max(factor, int(round(img.shape[2] * scale / factor)) * factor)
+        v = _resize(x, h, w)
+        if flip == "random":
+            flip = rng.random() < 0.5
+        yield v.flip(-1) if flip else v
+
+
+@torch.no_grad()
+def build_pool(
+    images: list[tuple[Path, torch.Tensor]],
+    teacher: nn.Module,
+    views: Sequence[tuple[float, bool | str]],
+    device: torch.device,
+    factor: int = 8,
+    teacher_bf16: bool = False,
+    teacher_decoder: nn.Module | None = None,
+    seed: int = 0,
+    progress: Callable[[dict], None] | None = None,
+) -> list[View]:
+    rng = random.Random(seed)
+    pool: list[View] = []
+    t0 = time.time()
+    for i, (path, img) in enumerate(images):
+        for v in _views_of(img, views, factor, rng):
+            v = v.to(device)
+            with _autocast(device, teacher_bf16):
+                z = teacher(v).float()
+            if z.shape[-2:] != (v.shape[-2] // factor, v.shape[-1] // factor):
+                raise VaepackError(
+                    f"teacher latent {tuple(z.shape)} is not the image size / {factor}",
+                    hint="the teacher must be a factor-8 encoder",
+                )
+            dec = None
+            if teacher_decoder is not None:
+                with _autocast(device, teacher_bf16):
+                    dec = teacher_decoder(z).float().clamp(0, 1)
+                dec = (dec[0] * 255).round().to(torch.uint8).cpu()
+            pool.append(View((v[0] * 255).round().to(torch.uint8).cpu(), z[0].half().cpu(), dec))
+        if progress:
+            progress({"phase": "teacher", "step": i + 1, "total": len(images), "elapsed": time.time() - t0})
+    return pool
+
+
+def _sample_batch(pool: list[View], crop: int, batch: int, factor: int, border: int, rng: random.Random, decoded: bool):
+    """Random crops on the latent grid. Returns images, latents, loss mask (latent res), decoded."""
+    smallest = min(min(v.image.shape[1:]) for v in pool)
+    crop = min(crop, smallest // factor * factor)
+    eligible = [v for v in pool if min(v.image.shape[1:]) >= crop]
+    lc = crop // factor
+    imgs, lats, masks, decs = [], [], [], []
+    for _ in range(batch):
+        v = rng.choice(eligible)
+        lh, lw = v.latent.shape[1:]
+        y, x = rng.randint(0, lh - lc), rng.randint(0, lw - lc)
+        imgs.append(v.image[:, y * factor:(y + lc) * factor, x * factor:(x + lc) * factor])
+        lats.append(v.latent[:, y:y + lc, x:x + lc])
+        m = torch.ones(lc, lc)
+        if border and lc > 2 * border:  # mask crop edges that are not image edges
+            if y > 0:
+                m[:border] = 0
+            if y + lc < lh:
+                m[-border:] = 0
+            if x > 0:
+                m[:, :border] = 0
+            if x + lc < lw:
+                m[:, -border:] = 0
+        masks.append(m)
+        if decoded:
+            decs.append(v.decoded[:, y * factor:(y + lc) * factor, x * factor:(x + lc) * factor])
+    img = torch.stack(imgs).float() / 255
+    out = img, torch.stack(lats).float(), torch.stack(masks)[:, None]
+    return out + ((torch.stack(decs).float() / 255,) if decoded else (None,))
+
+
+def _masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.expand_as(loss)
+    return (loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+# ------------------------------------------------------------------------------- the trainer
+@dataclass
+class TrainState:
+    step: int = 0
+    seconds: float = 0.0
+    losses: list = field(default_factory=list)  # (step, ema loss)
+
+
+class _Stop:
+    """SIGINT sets a flag; the loop checkpoints and returns. A second Ctrl-C raises at once."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+
+            def handler(sig, frame):
+                if self.flag:
+                    raise KeyboardInterrupt
+                self.flag = True
+                log.warning("interrupt: writing a checkpoint and stopping (Ctrl-C again to abort)")
+
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _setup_log(run_dir: Path) -> logging.Handler:
+    h = logging.FileHandler(run_dir / "train.log")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(h)
+    log.setLevel(logging.INFO)
+    return h
+
+
+def _train(
+    *,
+    kind: str,
+    student: nn.Module,
+    student_meta: dict,
+    teacher: nn.Module,
+    teacher_decoder: nn.Module | None,
+    data_dir,
+    run_dir,
+    schedule,
+    batch: int,
+    lr: float,
+    warmup: int,
+    lr_final: float,
+    lr_kind: str,
+    views,
+    border: int,
+    pixel_weight: float,
+    ckpt_every: int,
+    max_minutes: float | None,
+    seed: int,
+    device,
+    bf16: bool,
+    threads: int | None,
+    progress,
+    teacher_id: str,
+    ema_decay: float,
+) -> tuple[nn.Module, TrainState, Path]:
+    schedule = [(int(c), int(s)) for c, s in schedule]
+    if not schedule or any(c < 8 or c % 8 or s < 0 for c, s in schedule):
+        raise UsageError(f"bad schedule {schedule}", hint="use crop sizes that are multiples of 8, e.g. 128:10000,256:10000")
+    if batch < 1:
+        raise UsageError("batch must be at least 1")
+    total = sum(s for _, s in schedule)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _setup_log(run_dir)
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        device = _pick_device(device)
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        teacher = teacher.to(device).eval().float()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if teacher_decoder is not None:
+            teacher_decoder = teacher_decoder.to(device).eval().float()
+
+        cache_path = run_dir / "teacher_cache.pt"
+        files = list_images(data_dir)
+        key = {"teacher": teacher_id, "files": [str(p) for p in files], "views": [list(map(str, v)) for v in views],
+               "decoder": teacher_decoder is not None}
+        pool = None
+        if cache_path.exists():
+            cached = torch.load(cache_path, weights_only=False)
+            if cached.get("key") == key:
+                pool = cached["pool"]
+                log.info("teacher cache: %d views from %s", len(pool), cache_path)
+        if pool is None:
+            images = load_images(data_dir)
+            t0 = time.time()
+            pool = build_pool(images, teacher, views, device, teacher_bf16=bf16, teacher_decoder=teacher_decoder,
+                              seed=seed, progress=progress)
+            _atomic_save({"key": key, "pool": pool}, cache_path)
+            log.info("teacher cache: %d views of %d images in %.0fs", len(pool), len(images), time.time() - t0)
+
+        student = student.to(device)
+        channels_last = device.type == "cpu"
+        if channels_last:
+            student = student.to(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(student.parameters(), lr=lr)
+        ema = copy.deepcopy(student).eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        state = TrainState()
+        ckpt = run_dir / "checkpoint.pt"
+        if ckpt.exists():
+            c = torch.load(ckpt, weights_only=False, map_location=device)
+            if c["meta"] != student_meta:
+                raise UsageError(
+                    "checkpoint was made with a different model config",
+                    path=str(ckpt),
+                    hint="use a new run dir, or the original options",
+                )
+            student.load_state_dict(c["student"])
+            ema.load_state_dict(c["ema"])
+            opt.load_state_dict(c["opt"])
+            state = TrainState(**c["state"])
+            rng.setstate(c["rng"])
+            torch.set_rng_state(c["torch_rng"])
+            log.info("resumed from %s at step %d", ckpt, state.step)
+
+        def save():
+            _atomic_save({"student": student.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                          "state": asdict(state), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                          "meta": student_meta, "schedule": schedule}, ckpt)
+
+        log.info("%s distillation: %s, schedule %s, batch %d, lr %g (%s), %d views, device %s, threads %d",
+                 kind, json.dumps(student_meta), schedule, batch, lr, lr_kind, len(pool), device, torch.get_num_threads())
+        start = time.time()
+        t_last, s_last = start, state.step
+        ema_loss = state.losses[-1][1] if state.losses else None
+        sec0 = state.seconds
+        with _Stop() as stop:
+            student.train()
+            while state.step < total:
+                acc = 0
+                for crop, n in schedule:
+                    acc += n
+                    if state.step < acc:
+                        break
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(state.step, total, lr, warmup, lr_final, lr_kind)
+                img, lat, mask, dec = _sample_batch(pool, crop, batch, 8, border, rng, kind == "decoder")
+                mf = None
+                if channels_last:
+                    img = img.contiguous(memory_format=torch.channels_last)
+                img, lat, mask = img.to(device), lat.to(device), mask.to(device)
+                with _autocast(device, bf16):
+                    if kind == "encoder":
+                        out = student(img).float()
+                        loss = _masked_mean(F.smooth_l1_loss(out, lat, beta=HUBER_BETA, reduction="none"), mask)
+                    else:
+                        if channels_last:
+                            lat = lat.contiguous(memory_format=torch.channels_last)
+                        out = student(lat).float()
+                        mf = F.interpolate(mask, scale_factor=8, mode="nearest")
+                        dec = dec.to(device)
+                        loss = _masked_mean((out - dec).abs(), mf) + pixel_weight * _masked_mean((out - img).abs(), mf)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                state.step += 1
+                with torch.no_grad():
+                    d = min(ema_decay, (1 + state.step) / (10 + state.step))
+                    for pe, ps in zip(ema.parameters(), student.parameters()):
+                        pe.lerp_(ps, 1 - d)
+                    for be, bs in zip(ema.buffers(), student.buffers()):
+                        be.copy_(bs)
+                lv = float(loss)
+                if not math.isfinite(lv):
+                    raise VaepackError(f"loss became {lv} at step {state.step}", path=str(run_dir),
+                                       hint="lower --lr or resume from the last checkpoint")
+                ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
+                now = time.time()
+                state.seconds = sec0 + now - start
+                if state.step % 50 == 0 or state.step == total:
+                    sps = (state.step - s_last) / max(1e-9, now - t_last)
+                    t_last, s_last = now, state.step
+                    state.losses.append((state.step, ema_loss))
+                    log.info("step %d/%d crop %d loss %.5f (ema %.5f) lr %.2e %.2f steps/s", state.step, total, crop,
+                             lv, ema_loss, opt.param_groups[0]["lr"], sps)
+                if progress:
+                    progress({"phase": "train", "step": state.step, "total": total, "loss": ema_loss, "crop": crop,
+                              "lr": opt.param_groups[0]["lr"], "steps_per_s": state.step / max(1e-9, state.seconds),
+                              "elapsed": state.seconds})
+                timed_out = max_minutes is not None and now - start > max_minutes * 60
+                if state.step % ckpt_every == 0 or stop.flag or timed_out or state.step == total:
+                    save()
+                if stop.flag or timed_out:
+                    log.info("stopped at step %d (%s); rerun the same command to resume", state.step,
+                             "interrupt" if stop.flag else "max_minutes")
+                    break
+            if state.step >= total:
+                save()
+        return ema.eval(), state, run_dir
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vaepack")
+    except Exception:
+        return "unknown"
+
+
+def export_safetensors(module: nn.Module, path: Path, metadata: dict[str, str], fp16: bool = True) -> Path:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().to(torch.float16 if fp16 and v.is_floating_point() else v.dtype).contiguous().cpu()
+          for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------ public API
+def run_distill(
+    teacher: nn.Module,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    width: int = 32,
+    latent_channels: int | None = None,
+    student_config: dict | None = None,
+    schedule: Sequence[tuple[int, int]] = DEFAULT_SCHEDULE,
+    batch: int = 64,
+    lr: float = LR,
+    warmup: int = 200,
+    lr_final: float = 0.05,
+    lr_kind: str = "cosine",
+    views: Sequence[tuple[float, bool | str]] = ((1.0, False), (1.0, True), (1.5, "random")),
+    border: int = 1,
+    ckpt_every: int = 200,
+    max_minutes: float | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    bf16: bool = True,
+    threads: int | None = None,
+    progress: Callable[[dict], None] | None = None,
+    teacher_id: str = "unknown",
+    export_name: str | None = None,
+    command: str | None = None,
+    ema_decay: float = 0.999,
+) -> Path:
+    """Distill a ``student`` encoder from ``teacher`` (images [0,1] -> latent at H/8).
+
+    ``out_dir`` is the run directory (checkpoint, teacher cache, log); calling again resumes. Returns
+    the exported fp16 safetensors (BatchNorm folded) once the schedule is complete, else the
+    checkpoint path (stopped by ``max_minutes`` or Ctrl-C).
+    """
+    from .models import student as fam
+
+    if latent_channels is None:
+        with torch.no_grad():
+            latent_channels = teacher.float().cpu()(torch.zeros(1, 3, 16, 16)).shape[1]
+    kw = {"width": width, **(student_config or {}), "latent_channels": latent_channels}
+    cfg = fam.StudentConfig(**kw)
+    model = fam.build("encoder", cfg)
+    meta = {"family": "student", "part": "encoder", "config": asdict(cfg)}
+    ema, state, run_dir = _train(
+        kind="encoder", student=model, student_meta=meta, teacher=teacher, teacher_decoder=None, data_dir=data_dir,
+        run_dir=out_dir, schedule=schedule, batch=batch, lr=lr, warmup=warmup, lr_final=lr_final, lr_kind=lr_kind,
+        views=views, border=border, pixel_weight=0.0, ckpt_every=ckpt_every, max_minutes=max_minutes, seed=seed,
+        device=device, bf16=bf16, threads=threads, progress=progress, teacher_id=teacher_id, ema_decay=ema_decay)
+    total = sum(int(s) for _, s in schedule)
+    if state.step < total:
+        return run_dir / "checkpoint.pt"
+    fused = fam.fuse_bn(ema.float().cpu().to(memory_format=torch.contiguous_format))
+    md = _provenance(teacher_id, data_dir, schedule, state, batch, command, "student", "encoder", asdict(fused.cfg))
+    return export_safetensors(fused, run_dir / (export_name or f"vaepack-enc-s{width}.safetensors"), md)
+
+
+def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, teacher_id: str = "unknown",
+                      data_dir: str = "", command: str | None = None, use_ema: bool = True) -> Path:
+    """Export a run's current checkpoint (finished or not) as fp16 safetensors with provenance."""
+    from .models import student as sfam, tae
+
+    run_dir = Path(run_dir)
+    ck = run_dir / "checkpoint.pt"
+    if not ck.exists():
+        raise VaepackError("no checkpoint.pt", path=str(run_dir), hint="run the distillation first")
+    c = torch.load(ck, weights_only=False, map_location="cpu")
+    meta = c["meta"]
+    if meta["family"] == "student":
+        cfg = sfam.StudentConfig(**meta["config"])
+        m = sfam.build("encoder", cfg)
+        m.load_state_dict(c["ema" if use_ema else "student"])
+        m = sfam.fuse_bn(m.eval())
+        cfg_out = asdict(m.cfg)
+    else:
+        cfg = tae.TAEConfig(**meta["config"])
+        m = tae.build(meta["part"], cfg)
+        m.load_state_dict(c["ema" if use_ema else "student"])
+        cfg_out = asdict(cfg)
+    state = TrainState(**c["state"])
+    md = _provenance(teacher_id, data_dir, c["schedule"], state, None, command, meta["family"], meta["part"], cfg_out)
+    return export_safetensors(m.eval(), Path(out), md)
+
+
+def _provenance(teacher_id, data_dir, schedule, state, batch, command, family, part, cfg) -> dict[str, str]:
+    return {
+        "vaepack_family": family,
+        "vaepack_part": part,
+        "config": json.dumps(cfg, sort_keys=True),
+        "teacher": teacher_id,
+        "data_dir": str(data_dir),
+        "schedule": json.dumps([list(s) for s in schedule]),
+        "steps": str(state.step),
+        "train_seconds": f"{state.seconds:.0f}",
+        "batch": str(batch),
+        "command": command or " ".join(sys.argv),
+        "vaepack_version": _version(),
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+def load_tae_teacher(path: str | os.PathLike, part: str, latent_channels: int = 32, midblock_gn: bool = True) -> nn.Module:
+    """A TAE-family part from an upstream ``nn.Sequential`` .pth (e.g. TAEF2), as float32."""
+    from .models import tae
+
+    path = Path(path)
+    if not path.is_file():
+        raise VaepackError("teacher weights not found", path=str(path), hint="pass --teacher-encoder/--teacher-decoder")
+    cfg = tae.TAEConfig(kind="f8", latent_channels=latent_channels, midblock_gn=midblock_gn)
+    m = tae.build(part, cfg)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    m.load_state_dict({k: v.float() for k, v in tae.convert_state_dict(part, sd, cfg).items()})
+    return m.eval()
+
+
+def _parse_schedule(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(a), int(b)) for a, b in (item.split(":") for item in text.split(","))]
+    except ValueError:
+        raise UsageError(f"bad schedule {text!r}", hint="write CROP:STEPS[,CROP:STEPS...], e.g. 128:10000,256:10000") from None
+
+
+def _default_teacher_file(name: str) -> str | None:
+    from .paths import shared_dir
+
+    d = shared_dir()
+    return str(d / "weights" / name) if d and (d / "weights" / name).is_file() else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vaepack.distill", description=__doc__.split("\n")[0])
+    ap.add_argument("part", choices=["encoder", "decoder", "export"])
+    ap.add_argument("--data", required=False, help="folder of training images")
+    ap.add_argument("--run-dir", required=True, help="run directory (checkpoint, cache, log); rerun to resume")
+    ap.add_argument("--teacher-encoder", default=_default_teacher_file("taef2_encoder.pth"))
+    ap.add_argument("--teacher-decoder", default=_default_teacher_file("taef2_decoder.pth"))
+    ap.add_argument("--teacher-id", default="taef2")
+    ap.add_argument("--config", default="{}", help="JSON model config (StudentConfig or TAEConfig fields)")
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--schedule", default="128:10000,256:10000")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--pixel-weight", type=float, default=1.0)
+    ap.add_argument("--init-from-teacher", action="store_true", help="decoder: start from the teacher's pruned channels")
+    ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--ckpt-every", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--out", default=None, help="export: output .safetensors")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cmd = "python -m vaepack.distill " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        if a.part == "export":
+            p = export_checkpoint(a.run_dir, a.out or Path(a.run_dir) / "export.safetensors", teacher_id=a.teacher_id,
+                                  data_dir=a.data or "", command=cmd)
+            print(p)
+            return 0
+        if not a.data:
+            raise UsageError("--data is required for training")
+        teacher = load_tae_teacher(a.teacher_encoder, "encoder")
+        common = dict(schedule=_parse_schedule(a.schedule), batch=a.batch, lr=a.lr, max_minutes=a.max_minutes,
+                      ckpt_every=a.ckpt_every, seed=a.seed, device=a.device, bf16=not a.no_bf16, threads=a.threads,
+                      teacher_id=a.teacher_id, command=cmd)
+        if a.part == "encoder":
+            p = run_distill(teacher, a.data, a.run_dir, width=a.width, student_config=json.loads(a.config), **common)
+        else:
+            tdec = load_tae_teacher(a.teacher_decoder, "decoder")
+            p = run_distill_decoder(teacher, tdec, a.data, a.run_dir, width=a.width, decoder_config=json.loads(a.config),
+                                    pixel_weight=a.pixel_weight, init_from_teacher=a.init_from_teacher, **common)
+        print(p)
+        return 0
+    except VaepackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
