@@ -70,3 +70,13 @@ def test_tae_encoder_counts():
     assert fc.macs > 0 and set(fc.by_type) == {"Conv2d"}
     assert param_count(enc) == sum(p.numel() for p in enc.parameters())
     assert len(convs) > 10
+
+
+def test_kl_decoder_attention_counted():
+    from vaepack.models import autoencoder_kl as K
+
+    dec = K.build("decoder", K.KLConfig(block_out=(32, 32), norm_groups=8))
+    fc = count_flops(dec, (1, 4, 8, 8))
+    # Mid-block single-head attention over 8*8 tokens of width 32: L*S*(E+Ev) MACs.
+    assert fc.by_type["attention"] == 64 * 64 * (32 + 32)
+    assert fc.by_type["Conv2d"] > 0

@@ -149,13 +149,32 @@ def _pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def _lr_at(step: int, total: int, base: float, warmup: int, final_frac: float, kind: str) -> float:
+def _progress(state, schedule, budget_minutes: float | None) -> float:
+    """Fraction of the run done. Work is steps weighted by crop area, so a 256 px step counts 4x a
+    128 px one; with a wall-clock budget the run also ends (and the LR decays) on time."""
+    total = sum(c * c * n for c, n in schedule)
+    f = state.work / total if total else 1.0
+    if budget_minutes:
+        f = max(f, state.seconds / (budget_minutes * 60))
+    return min(1.0, f)
+
+
+def _crop_at(frac: float, schedule) -> int:
+    total = sum(c * c * n for c, n in schedule)
+    acc = 0
+    for crop, n in schedule:
+        acc += crop * crop * n
+        if frac < acc / total:
+            return crop
+    return schedule[-1][0]
+
+
+def _lr_at(frac: float, base: float, warmup: int, step: int, final_frac: float, kind: str) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     if kind == "constant":
         return base
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+    return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 # ---------------------------------------------------------------------------------- the pool
@@ -166,13 +185,31 @@ class View:
     decoded: torch.Tensor | None = None  # uint8 (3, H, W): teacher decoder output (decoder runs)
 
 
-def _views_of(img: torch.Tensor, views: Sequence[tuple[float, bool]], factor: int, rng: random.Random):
-    """Float (1,3,h,w) views of an image at the given (scale, flip); sizes rounded to the latent grid."""
+def _views_of(img: torch.Tensor, views: Sequence[tuple], factor: int, rng: random.Random, max_side: int | None):
+    """Float (1,3,h,w) views of an image, sizes on the latent grid.
+
+    A view is ``(scale, flip[, reup[, reup_prob]])``: resize by ``scale``; mirror if ``flip`` (True,
+    False or "random"); with probability ``reup_prob`` downscale by ``reup`` and upscale back, so the
+    view has the content of an image enlarged ``reup`` times (what the student sees in the paper-000
+    1.5x protocol) at the teacher cost of a 1x view. ``max_side`` then keeps a random window.
+    """
     x = img[None].float() / 255
-    for scale, flip in views:
+    for view in views:
+        scale, flip = float(view[0]), view[1]
+        reup = float(view[2]) if len(view) > 2 else 1.0
+        if len(view) > 3 and rng.random() >= float(view[3]):
+            reup = 1.0
         h = max(factor, int(round(img.shape[1] * scale / factor)) * factor)
         w = max(factor, int(round(img.shape[2] * scale / factor)) * factor)
-        v = _resize(x, h, w)
+        if reup != 1.0:
+            v = _resize(_resize(x, max(1, round(h / reup)), max(1, round(w / reup))), h, w)
+        else:
+            v = _resize(x, h, w)
+        if max_side:
+            wh, ww = min(h, max_side // factor * factor), min(w, max_side // factor * factor)
+            y0 = rng.randint(0, (h - wh) // factor) * factor
+            x0 = rng.randint(0, (w - ww) // factor) * factor
+            v = v[..., y0:y0 + wh, x0:x0 + ww]
         if flip == "random":
             flip = rng.random() < 0.5
         yield v.flip(-1) if flip else v
@@ -189,12 +226,13 @@ def build_pool(
     teacher_decoder: nn.Module | None = None,
     seed: int = 0,
     progress: Callable[[dict], None] | None = None,
+    max_side: int | None = None,
 ) -> list[View]:
     rng = random.Random(seed)
     pool: list[View] = []
     t0 = time.time()
     for i, (path, img) in enumerate(images):
-        for v in _views_of(img, views, factor, rng):
+        for v in _views_of(img, views, factor, rng, max_side):
             v = v.to(device)
             with _autocast(device, teacher_bf16):
                 z = teacher(v).float()
@@ -255,6 +293,8 @@ def _masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class TrainState:
     step: int = 0
     seconds: float = 0.0
+    work: int = 0  # sum of crop**2 over steps (the schedule's progress measure)
+    finished: bool = False
     losses: list = field(default_factory=list)  # (step, ema loss)
 
 
@@ -318,6 +358,9 @@ def _train(
     progress,
     teacher_id: str,
     ema_decay: float,
+    cache: str | os.PathLike | None = None,
+    budget_minutes: float | None = None,
+    view_max_side: int | None = None,
 ) -> tuple[nn.Module, TrainState, Path]:
     schedule = [(int(c), int(s)) for c, s in schedule]
     if not schedule or any(c < 8 or c % 8 or s < 0 for c, s in schedule):
@@ -340,22 +383,39 @@ def _train(
         if teacher_decoder is not None:
             teacher_decoder = teacher_decoder.to(device).eval().float()
 
-        cache_path = run_dir / "teacher_cache.pt"
+        own = run_dir / "teacher_cache.pt"
         files = list_images(data_dir)
         key = {"teacher": teacher_id, "files": [str(p) for p in files], "views": [list(map(str, v)) for v in views],
-               "decoder": teacher_decoder is not None}
+               "decoder": teacher_decoder is not None, "max_side": view_max_side, "seed": seed}
         pool = None
-        if cache_path.exists():
-            cached = torch.load(cache_path, weights_only=False)
-            if cached.get("key") == key:
+        for cand in [own] + ([Path(cache)] if cache else []):
+            if not cand.exists():
+                continue
+            cached = torch.load(cand, weights_only=False)
+            ck = cached.get("key", {})
+            if ck == key:
                 pool = cached["pool"]
-                log.info("teacher cache: %d views from %s", len(pool), cache_path)
+            elif teacher_decoder is not None and {**ck, "decoder": True} == key:
+                # Reuse another run's teacher latents (e.g. the encoder run's) and add decoded views.
+                pool = cached["pool"]
+                t0 = time.time()
+                with torch.no_grad():
+                    for i, v in enumerate(pool):
+                        with _autocast(device, bf16):
+                            dec = teacher_decoder(v.latent[None].float().to(device)).float().clamp(0, 1)
+                        v.decoded = (dec[0] * 255).round().to(torch.uint8).cpu()
+                        if progress:
+                            progress({"phase": "teacher", "step": i + 1, "total": len(pool), "elapsed": time.time() - t0})
+                _atomic_save({"key": key, "pool": pool}, own)
+            if pool is not None:
+                log.info("teacher cache: %d views from %s", len(pool), cand)
+                break
         if pool is None:
             images = load_images(data_dir)
             t0 = time.time()
             pool = build_pool(images, teacher, views, device, teacher_bf16=bf16, teacher_decoder=teacher_decoder,
-                              seed=seed, progress=progress)
-            _atomic_save({"key": key, "pool": pool}, cache_path)
+                              seed=seed, progress=progress, max_side=view_max_side)
+            _atomic_save({"key": key, "pool": pool}, own)
             log.info("teacher cache: %d views of %d images in %.0fs", len(pool), len(images), time.time() - t0)
 
         student = student.to(device)
@@ -397,14 +457,13 @@ def _train(
         sec0 = state.seconds
         with _Stop() as stop:
             student.train()
-            while state.step < total:
-                acc = 0
-                for crop, n in schedule:
-                    acc += n
-                    if state.step < acc:
-                        break
+            while True:
+                frac = _progress(state, schedule, budget_minutes)
+                if frac >= 1.0:
+                    break
+                crop = _crop_at(frac, schedule)
                 for g in opt.param_groups:
-                    g["lr"] = _lr_at(state.step, total, lr, warmup, lr_final, lr_kind)
+                    g["lr"] = _lr_at(frac, lr, warmup, state.step, lr_final, lr_kind)
                 img, lat, mask, dec = _sample_batch(pool, crop, batch, 8, border, rng, kind == "decoder")
                 mf = None
                 if channels_last:
@@ -425,38 +484,42 @@ def _train(
                 loss.backward()
                 opt.step()
                 state.step += 1
+                state.work += crop * crop
                 with torch.no_grad():
                     d = min(ema_decay, (1 + state.step) / (10 + state.step))
                     for pe, ps in zip(ema.parameters(), student.parameters()):
                         pe.lerp_(ps, 1 - d)
                     for be, bs in zip(ema.buffers(), student.buffers()):
                         be.copy_(bs)
-                lv = float(loss)
+                lv = float(loss.detach())
                 if not math.isfinite(lv):
                     raise VaepackError(f"loss became {lv} at step {state.step}", path=str(run_dir),
                                        hint="lower --lr or resume from the last checkpoint")
                 ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
                 now = time.time()
                 state.seconds = sec0 + now - start
-                if state.step % 50 == 0 or state.step == total:
+                if state.step % 50 == 0:
                     sps = (state.step - s_last) / max(1e-9, now - t_last)
                     t_last, s_last = now, state.step
                     state.losses.append((state.step, ema_loss))
-                    log.info("step %d/%d crop %d loss %.5f (ema %.5f) lr %.2e %.2f steps/s", state.step, total, crop,
-                             lv, ema_loss, opt.param_groups[0]["lr"], sps)
+                    log.info("step %d/%d (%.1f%%) crop %d loss %.5f (ema %.5f) lr %.2e %.2f steps/s", state.step, total,
+                             100 * frac, crop, lv, ema_loss, opt.param_groups[0]["lr"], sps)
                 if progress:
-                    progress({"phase": "train", "step": state.step, "total": total, "loss": ema_loss, "crop": crop,
+                    progress({"phase": "train", "step": state.step, "total": total, "frac": frac, "loss": ema_loss, "step_loss": lv, "crop": crop,
                               "lr": opt.param_groups[0]["lr"], "steps_per_s": state.step / max(1e-9, state.seconds),
                               "elapsed": state.seconds})
                 timed_out = max_minutes is not None and now - start > max_minutes * 60
-                if state.step % ckpt_every == 0 or stop.flag or timed_out or state.step == total:
+                done = _progress(state, schedule, budget_minutes) >= 1.0
+                if state.step % ckpt_every == 0 or stop.flag or timed_out or done:
                     save()
                 if stop.flag or timed_out:
                     log.info("stopped at step %d (%s); rerun the same command to resume", state.step,
                              "interrupt" if stop.flag else "max_minutes")
                     break
-            if state.step >= total:
+            if _progress(state, schedule, budget_minutes) >= 1.0:
+                state.finished = True
                 save()
+                log.info("finished at step %d after %.0f s of training", state.step, state.seconds)
         return ema.eval(), state, run_dir
     finally:
         log.removeHandler(handler)
@@ -499,7 +562,8 @@ def run_distill(
     warmup: int = 200,
     lr_final: float = 0.05,
     lr_kind: str = "cosine",
-    views: Sequence[tuple[float, bool | str]] = ((1.0, False), (1.0, True), (1.5, "random")),
+    views: Sequence[tuple] = ((1.0, "random", 1.5, 0.6),),
+    view_max_side: int | None = 384,
     border: int = 1,
     ckpt_every: int = 200,
     max_minutes: float | None = None,
@@ -512,6 +576,8 @@ def run_distill(
     export_name: str | None = None,
     command: str | None = None,
     ema_decay: float = 0.999,
+    budget_minutes: float | None = None,
+    cache: str | os.PathLike | None = None,
 ) -> Path:
     """Distill a ``student`` encoder from ``teacher`` (images [0,1] -> latent at H/8).
 
@@ -532,13 +598,133 @@ def run_distill(
         kind="encoder", student=model, student_meta=meta, teacher=teacher, teacher_decoder=None, data_dir=data_dir,
         run_dir=out_dir, schedule=schedule, batch=batch, lr=lr, warmup=warmup, lr_final=lr_final, lr_kind=lr_kind,
         views=views, border=border, pixel_weight=0.0, ckpt_every=ckpt_every, max_minutes=max_minutes, seed=seed,
-        device=device, bf16=bf16, threads=threads, progress=progress, teacher_id=teacher_id, ema_decay=ema_decay)
-    total = sum(int(s) for _, s in schedule)
-    if state.step < total:
+        device=device, bf16=bf16, threads=threads, progress=progress, teacher_id=teacher_id, ema_decay=ema_decay,
+        budget_minutes=budget_minutes, cache=cache, view_max_side=view_max_side)
+    if not state.finished:
         return run_dir / "checkpoint.pt"
     fused = fam.fuse_bn(ema.float().cpu().to(memory_format=torch.contiguous_format))
     md = _provenance(teacher_id, data_dir, schedule, state, batch, command, "student", "encoder", asdict(fused.cfg))
     return export_safetensors(fused, run_dir / (export_name or f"vaepack-enc-s{width}.safetensors"), md)
+
+
+def run_distill_decoder(
+    teacher_encoder: nn.Module,
+    teacher_decoder: nn.Module,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    width: int = 32,
+    decoder_config: dict | None = None,
+    init_from_teacher: bool = True,
+    pixel_weight: float = 1.0,
+    schedule: Sequence[tuple[int, int]] = DEFAULT_SCHEDULE,
+    batch: int = 16,
+    lr: float = LR,
+    warmup: int = 200,
+    lr_final: float = 0.05,
+    lr_kind: str = "cosine",
+    views: Sequence[tuple] = ((1.0, "random", 1.5, 0.6),),
+    view_max_side: int | None = 384,
+    border: int = 1,
+    ckpt_every: int = 200,
+    max_minutes: float | None = None,
+    budget_minutes: float | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    bf16: bool = True,
+    threads: int | None = None,
+    progress: Callable[[dict], None] | None = None,
+    teacher_id: str = "unknown",
+    export_name: str | None = None,
+    command: str | None = None,
+    ema_decay: float = 0.999,
+    cache: str | os.PathLike | None = None,
+) -> Path:
+    """Distill a small TAE-family decoder (``vaepack.models.tae`` at ``width``) in the teacher's latent space.
+
+    Input: the teacher encoder's latent of a crop's image; loss: L1 to the teacher decoder's image
+    (clamped to [0, 1]) + ``pixel_weight`` * L1 to the ground-truth image. ``init_from_teacher``
+    starts from the teacher decoder's most important channels (see ``prune_tae_decoder``), which
+    converges far faster than a random init on a CPU budget. ``cache`` may point at an encoder
+    run's ``teacher_cache.pt`` made with the same data, views and seed (only the decoder pass is added).
+    """
+    from .models import tae
+
+    with torch.no_grad():
+        latent_channels = teacher_encoder.float().cpu()(torch.zeros(1, 3, 16, 16)).shape[1]
+    kw = {"kind": "f8", "midblock_gn": True, **(decoder_config or {}), "width": width, "latent_channels": latent_channels}
+    cfg = tae.TAEConfig(**kw)
+    model = tae.build("decoder", cfg)
+    if init_from_teacher:
+        model.load_state_dict(prune_tae_decoder(teacher_decoder.float().cpu().state_dict(), cfg))
+    meta = {"family": "tae", "part": "decoder", "config": asdict(cfg)}
+    ema, state, run_dir = _train(
+        kind="decoder", student=model, student_meta=meta, teacher=teacher_encoder, teacher_decoder=teacher_decoder,
+        data_dir=data_dir, run_dir=out_dir, schedule=schedule, batch=batch, lr=lr, warmup=warmup, lr_final=lr_final,
+        lr_kind=lr_kind, views=views, border=border, pixel_weight=pixel_weight, ckpt_every=ckpt_every,
+        max_minutes=max_minutes, seed=seed, device=device, bf16=bf16, threads=threads, progress=progress,
+        teacher_id=teacher_id, ema_decay=ema_decay, cache=cache, budget_minutes=budget_minutes,
+        view_max_side=view_max_side)
+    if not state.finished:
+        return run_dir / "checkpoint.pt"
+    md = _provenance(teacher_id, data_dir, schedule, state, batch, command, "tae", "decoder", asdict(cfg))
+    out = ema.float().cpu().to(memory_format=torch.contiguous_format)
+    return export_safetensors(out, run_dir / (export_name or f"vaepack-dec-w{width}.safetensors"), md)
+
+
+@torch.no_grad()
+def prune_tae_decoder(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """Slice a wider TAE decoder's state dict down to ``cfg.width`` channels (a warm start).
+
+    All residual-stream tensors share one channel set (the skips tie them together), chosen by the
+    L1 norm of the weights writing and reading each channel; each block's two inner activations and
+    its GroupNorm pool keep their own top channels (per GroupNorm group, so the groups survive).
+    """
+    from .models import tae
+
+    w = cfg.width
+    ref = tae.build("decoder", cfg)
+    names = {k for k in ref.state_dict()}
+    blocks = sorted({k.split(".")[0] for k in names if ".conv.0." in k}, key=int)
+    stream = torch.zeros(sd["1.weight"].shape[0])
+    writers = ["1.weight"] + [f"{b}.conv.4.weight" for b in blocks] + [f"{b}.pool.3.weight" for b in blocks if f"{b}.pool.3.weight" in sd]
+    ups = [k for k in names if k.endswith(".weight") and k.split(".")[0] not in blocks and k != "1.weight"
+           and sd[k].dim() == 4 and sd[k].shape[0] == sd[k].shape[1]]
+    readers = [f"{b}.conv.0.weight" for b in blocks] + [f"{b}.pool.0.weight" for b in blocks if f"{b}.pool.0.weight" in sd]
+    last = max((k for k in names if k.endswith(".weight") and sd[k].dim() == 4), key=lambda k: int(k.split(".")[0]))
+    for k in writers + ups:
+        stream += sd[k].abs().flatten(1).sum(1)
+    for k in readers + ups + [last]:
+        stream += sd[k].abs().transpose(0, 1).flatten(1).sum(1)
+    S = stream.topk(w).indices.sort().values
+
+    def top(a, b, n):
+        score = sd[a].abs().flatten(1).sum(1) * sd[b].abs().transpose(0, 1).flatten(1).sum(1)
+        return score.topk(n).indices.sort().values
+
+    out = {}
+    out["1.weight"], out["1.bias"] = sd["1.weight"][S], sd["1.bias"][S]
+    for k in ups:
+        out[k] = sd[k][S][:, S]
+    out[last] = sd[last][:, S]
+    out[last.replace("weight", "bias")] = sd[last.replace("weight", "bias")]
+    for b in blocks:
+        A = top(f"{b}.conv.0.weight", f"{b}.conv.2.weight", w)
+        B = top(f"{b}.conv.2.weight", f"{b}.conv.4.weight", w)
+        out[f"{b}.conv.0.weight"], out[f"{b}.conv.0.bias"] = sd[f"{b}.conv.0.weight"][A][:, S], sd[f"{b}.conv.0.bias"][A]
+        out[f"{b}.conv.2.weight"], out[f"{b}.conv.2.bias"] = sd[f"{b}.conv.2.weight"][B][:, A], sd[f"{b}.conv.2.bias"][B]
+        out[f"{b}.conv.4.weight"], out[f"{b}.conv.4.bias"] = sd[f"{b}.conv.4.weight"][S][:, B], sd[f"{b}.conv.4.bias"][S]
+        if f"{b}.pool.0.weight" in sd:
+            c_old = sd[f"{b}.pool.0.weight"].shape[0] // 4
+            score = sd[f"{b}.pool.0.weight"].abs().flatten(1).sum(1) * sd[f"{b}.pool.3.weight"].abs().transpose(0, 1).flatten(1).sum(1)
+            H = torch.cat([g * c_old + score[g * c_old:(g + 1) * c_old].topk(w).indices.sort().values for g in range(4)])
+            out[f"{b}.pool.0.weight"] = sd[f"{b}.pool.0.weight"][H][:, S]
+            out[f"{b}.pool.1.weight"], out[f"{b}.pool.1.bias"] = sd[f"{b}.pool.1.weight"][H], sd[f"{b}.pool.1.bias"][H]
+            out[f"{b}.pool.3.weight"] = sd[f"{b}.pool.3.weight"][S][:, H]
+    missing = names - set(out)
+    if missing:
+        raise ValueError(f"prune_tae_decoder: unhandled tensors {sorted(missing)[:4]}")
+    return out
 
 
 def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, teacher_id: str = "unknown",
@@ -601,9 +787,12 @@ def load_tae_teacher(path: str | os.PathLike, part: str, latent_channels: int = 
 
 def _parse_schedule(text: str) -> list[tuple[int, int]]:
     try:
-        return [(int(a), int(b)) for a, b in (item.split(":") for item in text.split(","))]
+        out = [(int(a), int(b)) for a, b in (item.split(":") for item in text.split(","))]
     except ValueError:
         raise UsageError(f"bad schedule {text!r}", hint="write CROP:STEPS[,CROP:STEPS...], e.g. 128:10000,256:10000") from None
+    if any(c < 8 or c % 8 or n < 0 for c, n in out):
+        raise UsageError(f"bad schedule {text!r}", hint="crop sizes must be multiples of 8, steps >= 0")
+    return out
 
 
 def _default_teacher_file(name: str) -> str | None:
@@ -628,7 +817,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--pixel-weight", type=float, default=1.0)
     ap.add_argument("--init-from-teacher", action="store_true", help="decoder: start from the teacher's pruned channels")
-    ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop this invocation after N minutes (resumable)")
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="total training wall-clock budget over all sessions: LR decay and stages follow it")
+    ap.add_argument("--cache", default=None, help="reuse another run's teacher_cache.pt")
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
@@ -646,10 +838,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if not a.data:
             raise UsageError("--data is required for training")
+        schedule = _parse_schedule(a.schedule)  # validate cheap options before loading anything
         teacher = load_tae_teacher(a.teacher_encoder, "encoder")
-        common = dict(schedule=_parse_schedule(a.schedule), batch=a.batch, lr=a.lr, max_minutes=a.max_minutes,
+        common = dict(schedule=schedule, batch=a.batch, lr=a.lr, max_minutes=a.max_minutes,
                       ckpt_every=a.ckpt_every, seed=a.seed, device=a.device, bf16=not a.no_bf16, threads=a.threads,
-                      teacher_id=a.teacher_id, command=cmd)
+                      teacher_id=a.teacher_id, command=cmd, budget_minutes=a.budget_minutes, cache=a.cache)
         if a.part == "encoder":
             p = run_distill(teacher, a.data, a.run_dir, width=a.width, student_config=json.loads(a.config), **common)
         else:

@@ -123,14 +123,16 @@ class TileOptions:
 def _encode(vae: VAE, x: torch.Tensor, tiles: TileOptions) -> torch.Tensor:
     f = vae.factor
     if tiles.active(x.shape[-2] * x.shape[-1]):
-        return run_tiled(vae.encode, x, max(1, tiles.tile // f), max(0, tiles.overlap // f), f, 1)
+        t, o = max(1, tiles.tile // f), max(0, tiles.overlap // f)
+        return vae.encode(x, tiler=lambda fn, a: run_tiled(fn, a, t, o, f, 1))
     return vae.encode(x)
 
 
 def _decode(vae: VAE, z: torch.Tensor, tiles: TileOptions) -> torch.Tensor:
     f = vae.factor
     if tiles.active(z.shape[-2] * z.shape[-1] * f * f):
-        return run_tiled(vae.decode, z, max(1, tiles.tile // f), max(0, tiles.overlap // f), 1, f)
+        t, o = max(1, tiles.tile // f), max(0, tiles.overlap // f)
+        return vae.decode(z, tiler=lambda fn, a: run_tiled(fn, a, t, o, 1, f))
     return vae.decode(z)
 
 

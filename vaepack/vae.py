@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ from vaepack import latents as L
 from vaepack.errors import UsageError
 from vaepack.loader import family_attr, load_part
 from vaepack.manifest import ModelEntry, Space, get_model
+
+Tiler = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +46,9 @@ class Part:
     image_range: str  # "0,1" or "-1,1": what the network itself uses
     native_is_diffusion: bool  # TAE/student output is already in diffusion space
     sha256: str
+    # (head, tail) for tiled runs: the encoder tiles its head, the decoder its tail; the other half
+    # runs on the whole (low-resolution) tensor so GroupNorm statistics stay global and exact.
+    split: tuple[nn.Module, nn.Module] | None = None
 
 
 @dataclass
@@ -75,20 +81,26 @@ class VAE:
         return (bn.running_mean, bn.running_var) if bn is not None else None
 
     @torch.no_grad()
-    def encode(self, x01: torch.Tensor) -> torch.Tensor:
+    def encode(self, x01: torch.Tensor, tiler: Tiler | None = None) -> torch.Tensor:
+        """[0, 1] images -> diffusion-space latents. ``tiler(fn, x)`` runs ``fn`` tile by tile."""
         p = self.parts["encoder"]
         x = L.to_model_range(x01.to(self.device, torch.float32), p.image_range)
         if self.device.type == "cpu" and self.dtype != "fp32":
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            m = p.module(x)
+            if tiler is None:
+                m = p.module(x)
+            else:  # tile the local head; run the tail that needs global statistics (GroupNorm) whole
+                head, tail = p.split
+                m = tail(tiler(head, x))
         m = m.float().contiguous()
         if p.native_is_diffusion:
             return m
         return L.mean_to_diffusion(m, self.space, self._bn_stats(p.module))
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tiler: Tiler | None = None) -> torch.Tensor:
+        """Diffusion-space latents -> [0, 1] images (clamped)."""
         p = self.parts["decoder"]
         z = z.to(self.device, torch.float32)
         if not p.native_is_diffusion:
@@ -96,7 +108,11 @@ class VAE:
         if self.device.type == "cpu" and self.dtype != "fp32":
             z = z.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            y = p.module(z)
+            if tiler is None:
+                y = p.module(z)
+            else:
+                head, tail = p.split
+                y = tiler(tail, head(z))
         return L.from_model_range(y.float(), p.image_range).clamp(0, 1).contiguous()
 
 
@@ -114,7 +130,11 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
             module = module.to(memory_format=torch.channels_last)
         if dtype == "fp16" and dev.type == "cuda":
             module = module.half()
+        split_fn = family_attr(spec, "tile_split", None)
+        split = split_fn(part, module) if split_fn else None
+        if split is None:
+            split = (module, nn.Identity()) if part == "encoder" else (nn.Identity(), module)
         vae.parts[part] = Part(module=module, image_range=family_attr(spec, "IMAGE_RANGE", "0,1"),
                                native_is_diffusion=family_attr(spec, "NATIVE_IS_DIFFUSION", True),
-                               sha256=digest)
+                               sha256=digest, split=split)
     return vae

@@ -28,7 +28,6 @@ from torch import nn
 IMAGE_RANGE = "-1,1"
 NATIVE_IS_DIFFUSION = False
 
-# FLUX.2 BatchNorm epsilon (upstream batch_norm_eps); the statistics are over 2x2-packed channels.
 # Every norm in this family uses eps 1e-6 (upstream value; not the torch default 1e-5).
 NORM_EPS = 1e-6
 

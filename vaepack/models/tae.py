@@ -93,6 +93,17 @@ def decoder(cfg: TAEConfig) -> nn.Sequential:
 CONFIGS = {"encoder": TAEConfig, "decoder": TAEConfig}
 
 
+def tile_split(part: str, module: nn.Sequential) -> tuple[nn.Module, nn.Module]:
+    """Split for tiled inference: the GN-pooled blocks need whole-image statistics, so the encoder
+    tiles everything before its first GN block (that tail runs at H/8) and the decoder runs
+    everything up to its last GN block (at latent resolution) whole and tiles the rest."""
+    gn = [i for i, m in enumerate(module) if isinstance(m, Block) and m.pool is not None]
+    if not gn:
+        return (module, nn.Identity()) if part == "encoder" else (nn.Identity(), module)
+    k = gn[0] if part == "encoder" else gn[-1] + 1
+    return module[:k], module[k:]
+
+
 def build(part: str, cfg: TAEConfig) -> nn.Module:
     return encoder(cfg) if part == "encoder" else decoder(cfg)
 

@@ -1,0 +1,148 @@
+"""Tiny end-to-end distillation runs (random-init teachers, generated images: nothing from shared/)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from vaepack import distill
+from vaepack.errors import ImageError, VaepackError
+from vaepack.models import student, tae
+
+TINY = dict(width=8, blocks_per_stage=1)
+
+
+def _images(folder, n=3, size=(72, 56)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        yy, xx = np.mgrid[: size[1], : size[0]] / max(size)
+        base = np.stack([np.sin(6 * xx + i), np.cos(5 * yy - i), np.sin(3 * (xx + yy))], -1) * 0.4 + 0.5
+        img = np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def _teacher(seed=0):
+    torch.manual_seed(seed)
+    return tae.build("encoder", tae.TAEConfig(kind="f8", latent_channels=4, width=8)).eval()
+
+
+def _run(data, run_dir, **kw):
+    args = dict(student_config=TINY, schedule=[(32, 30)], batch=4, lr=3e-3, warmup=5, ckpt_every=10, threads=1,
+                bf16=False, seed=0, teacher_id="test-teacher")
+    args.update(kw)
+    return distill.run_distill(_teacher(), data, run_dir, width=8, **args)
+
+
+def test_distill_lowers_loss_and_exports_loadable_student(tmp_path):
+    data = _images(tmp_path / "data")
+    losses = []
+    out = _run(data, tmp_path / "run", progress=lambda p: p["phase"] == "train" and losses.append(p["step_loss"]))
+    assert out.suffix == ".safetensors" and out.exists()
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    with safe_open(str(out), "pt") as f:
+        md = f.metadata()
+    cfg = student.StudentConfig(**json.loads(md["config"]))
+    assert cfg.fused and md["teacher"] == "test-teacher" and md["steps"] == "30"
+    m = student.build("encoder", cfg)
+    m.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()})
+    assert m(torch.rand(1, 3, 64, 48)).shape == (1, 4, 8, 6)
+    assert (tmp_path / "run" / "train.log").read_text().count("finished at step 30") == 1
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    data = _images(tmp_path / "data")
+    first = _run(data, tmp_path / "run", max_minutes=0)  # stops (and checkpoints) after one step
+    assert first.name == "checkpoint.pt"
+    assert torch.load(first, weights_only=False)["state"]["step"] == 1
+    out = _run(data, tmp_path / "run")
+    assert out.suffix == ".safetensors"
+    c = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert c["state"]["step"] == 30 and c["state"]["finished"]
+    assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    data = _images(tmp_path / "data")
+    _run(data, tmp_path / "run", max_minutes=0)
+    with pytest.raises(VaepackError, match="different model config"):
+        _run(data, tmp_path / "run", student_config=dict(width=8, blocks_per_stage=2))
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageError, match="contains no images"):
+        _run(tmp_path / "empty", tmp_path / "run")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ImageError, match="is not a folder"):
+        _run(tmp_path / "nope", tmp_path / "run")
+
+
+def test_folder_without_images(tmp_path):
+    d = tmp_path / "txt"
+    d.mkdir()
+    (d / "notes.txt").write_text("hello")
+    with pytest.raises(ImageError, match="contains no images"):
+        _run(d, tmp_path / "run")
+
+
+def test_only_unreadable_images(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ImageError, match="broken.png"):
+        _run(d, tmp_path / "run")
+
+
+def test_unreadable_image_is_skipped(tmp_path):
+    data = _images(tmp_path / "data", n=2)
+    (data / "broken.jpg").write_bytes(b"\xff\xd8garbage")
+    out = _run(data, tmp_path / "run", schedule=[(32, 3)])
+    assert out.exists()
+    assert "broken.jpg" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_fuse_bn_matches_unfused():
+    torch.manual_seed(0)
+    m = student.build("encoder", student.StudentConfig(width=8, blocks_per_stage=1, stem_stride=2))
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    m.eval()
+    f = student.fuse_bn(m)
+    x = torch.rand(2, 3, 32, 40)
+    assert f.cfg.fused and not any(isinstance(x_, torch.nn.BatchNorm2d) for x_ in f.modules())
+    torch.testing.assert_close(f(x), m(x), atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_distillation_and_pruned_init(tmp_path):
+    data = _images(tmp_path / "data", n=2)
+    torch.manual_seed(1)
+    tdec = tae.build("decoder", tae.TAEConfig(kind="f8", latent_channels=4, width=16, midblock_gn=True)).eval()
+    cfg = tae.TAEConfig(kind="f8", latent_channels=4, width=8, midblock_gn=True)
+    tae.build("decoder", cfg).load_state_dict(distill.prune_tae_decoder(tdec.state_dict(), cfg))
+    out = distill.run_distill_decoder(_teacher(), tdec, data, tmp_path / "run", width=8, schedule=[(32, 4)], batch=2,
+                                      warmup=2, threads=1, bf16=False)
+    with safe_open(str(out), "pt") as f:
+        md = f.metadata()
+    m = tae.build("decoder", tae.TAEConfig(**json.loads(md["config"])))
+    m.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()})
+    assert m(torch.randn(1, 4, 4, 5)).shape == (1, 3, 32, 40)
+
+
+def test_cli_bad_schedule(tmp_path, capsys):
+    data = _images(tmp_path / "data", n=1)
+    rc = distill.main(["encoder", "--data", str(data), "--run-dir", str(tmp_path / "r"), "--teacher-encoder",
+                       str(tmp_path / "t.pth"), "--schedule", "128-10"])
+    assert rc == 2 and "bad schedule" in capsys.readouterr().err

@@ -1,0 +1,541 @@
+"""The ``vaepack`` command: a thin shell over the library.
+
+Each command parses options, calls the library and prints. A VaepackError becomes one line on
+stderr and its exit code (1, or 2 for usage errors); nothing else is caught, so a real bug keeps its
+traceback. ``--json`` prints machine-readable output on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import typer
+
+from vaepack.errors import UsageError, VaepackError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fast, honest image VAEs: encode, decode, distill, export, benchmark.")
+weights_app = typer.Typer(no_args_is_help=True, help="List, pull, verify and locate model weights.")
+app.add_typer(weights_app, name="weights")
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _note(msg: str) -> None:
+    """A plain progress line on stderr (no wrapping, so logs stay greppable)."""
+    print(msg, file=sys.stderr)
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, float):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _finite(v: float) -> float | None:
+    """JSON has no Infinity: identical images (PSNR = inf) are written as null."""
+    return v if v == v and v not in (float("inf"), float("-inf")) else None
+
+
+def _csv(s: str | None, conv: Callable = str) -> list:
+    if s is None:
+        return []
+    try:
+        return [conv(p.strip()) for p in s.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"cannot parse the list '{s}'") from None
+
+
+# --------------------------------------------------------------------------- batch runner
+@dataclass
+class BatchReport:
+    ok: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"{len(self.ok)} ok, {len(self.failed)} failed"
+
+
+def _run_each(items: list, fn: Callable[[Any], dict | list[dict]], keep_going: bool, label: str,
+              key: Callable[[Any], str] = str) -> BatchReport:
+    """Run ``fn`` per item with a progress bar; stop at the first error unless ``keep_going``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    rep = BatchReport()
+    err = _stderr()
+    show = len(items) > 3 and err.is_terminal
+    prog = Progress(TextColumn(f"{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err, disable=not show, transient=True)
+    with prog:
+        task = prog.add_task(label, total=len(items))
+        for it in items:
+            try:
+                res = fn(it)
+                rep.ok += res if isinstance(res, list) else [res]
+            except VaepackError as e:
+                rep.failed.append({"input": key(it), "error": str(e)})
+                if not keep_going:
+                    raise
+                _note(f"error: {e}")
+            prog.advance(task, len(it) if isinstance(it, list) else 1)
+    return rep
+
+
+def _finish(rep: BatchReport, as_json: bool, extra: dict | None = None) -> None:
+    if as_json:
+        _emit_json({"ok": rep.ok, "failed": rep.failed, **(extra or {})})
+    if rep.failed:
+        if len(rep.ok) + len(rep.failed) > 1:
+            _note(f"{rep.summary()}; failed: " + ", ".join(f["input"] for f in rep.failed))
+        raise typer.Exit(1)
+
+
+def _group_by_size(paths: list[Path], batch_size: int, load: Callable[[Path], Any]):
+    """Yield lists of (path, image) with equal sizes, at most ``batch_size`` long, in input order.
+
+    A path that fails to load is yielded alone as (path, error) so the caller reports it per file.
+    """
+    group: list = []
+    for p in paths:
+        try:
+            x = load(p)
+        except VaepackError as e:
+            if group:
+                yield group
+                group = []
+            yield [(p, e)]
+            continue
+        if group and (len(group) >= batch_size or group[0][1].shape != x.shape):
+            yield group
+            group = []
+        group.append((p, x))
+    if group:
+        yield group
+
+
+# --------------------------------------------------------------------------- shared options
+def _tiles(tile_budget: Optional[int], tile_size: int, tile_overlap: int):
+    from vaepack.pipeline import TileOptions
+
+    if tile_size < 8 or tile_overlap < 0 or tile_overlap >= tile_size:
+        raise UsageError("--tile-size must be >= 8 and --tile-overlap in [0, tile-size)")
+    return TileOptions(budget=tile_budget, tile=tile_size, overlap=tile_overlap)
+
+
+ModelOpt = typer.Option("default", "--model", "-m", help="Model id or alias from weights_manifest.yaml.")
+DtypeOpt = typer.Option("fp32", "--dtype", help="fp32, bf16 (autocast + channels_last on CPU) or fp16.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+ForceOpt = typer.Option(False, "--force", help="Overwrite existing outputs.")
+KeepOpt = typer.Option(False, "--keep-going", help="Continue past bad inputs and print a summary.")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout.")
+TileBudgetOpt = typer.Option(None, "--tile-budget", help="Pixels per pass before tiling (0 = never tile).")
+TileSizeOpt = typer.Option(512, "--tile-size", help="Tile edge in image pixels.")
+TileOverlapOpt = typer.Option(64, "--tile-overlap", help="Tile overlap in image pixels.")
+MaxPixOpt = typer.Option(None, "--max-pixels", help="Refuse larger images (decompression-bomb guard).")
+
+
+def _loader(max_pixels: Optional[int]):
+    from vaepack.io import load_image
+
+    return lambda p: load_image(p, max_pixels=max_pixels)
+
+
+# --------------------------------------------------------------------------- encode
+@app.command()
+def encode(
+    inputs: list[str] = typer.Argument(..., help="Image files, directories or glob patterns."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Output file (one input) or directory (several)."),
+    model: str = ModelOpt,
+    scale: float = typer.Option(1.0, "--scale", "-s", help="Resolution remap: upsample by this factor before "
+                                "encoding (decode undoes it). 1.5 helps distilled students (Chu et al. 2026)."),
+    filter: str = typer.Option("bilinear", "--filter", help="Resize filter: bilinear, bicubic, nearest, area."),
+    fmt: str = typer.Option("vaepack", "--format", help="vaepack (.latent.safetensors) or comfyui (.latent)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images of equal size per forward pass."),
+    dtype: str = DtypeOpt, device: str = DeviceOpt, force: bool = ForceOpt, keep_going: bool = KeepOpt,
+    tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
+    max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt,
+):
+    """Encode images to latent files (records the remap so `decode` restores the original size)."""
+    from vaepack import latents as L
+    from vaepack.io import expand_inputs
+    from vaepack.pipeline import FILTERS, encode_batch
+    from vaepack.vae import load_vae
+
+    if fmt not in ("vaepack", "comfyui"):
+        raise UsageError(f"unknown --format '{fmt}' (vaepack or comfyui)")
+    if filter not in FILTERS:
+        raise UsageError(f"unknown --filter '{filter}' (choose {', '.join(FILTERS)})")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    tiles = _tiles(tile_budget, tile_size, tile_overlap)
+    paths = expand_inputs(inputs)
+    suffix = ".latent" if fmt == "comfyui" else ".latent.safetensors"
+    outs = _output_paths(paths, output, suffix)
+    vae = load_vae(model, parts=("encoder",), device=device, dtype=dtype)
+
+    def one_group(group):
+        if isinstance(group[0][1], VaepackError):
+            raise group[0][1]
+        for p, _ in group:
+            from vaepack.io import check_output
+
+            check_output(outs[p], force)
+        recs = encode_batch(vae, [x for _, x in group], scale, filter, tiles, [str(p) for p, _ in group],
+                            model_id=model)
+        res = []
+        for (p, _), rec in zip(group, recs):
+            L.save_latent(outs[p], rec, fmt=fmt)
+            res.append({"input": str(p), "output": str(outs[p]), "latent_shape": list(rec.latent.shape),
+                        "orig_size": list(rec.orig_size), "scaled_size": list(rec.scaled_size)})
+            if not as_json:
+                _note(f"{p} -> {outs[p]}  latent {tuple(rec.latent.shape[1:])}")
+        return res
+
+    groups = list(_group_by_size(paths, batch_size, _loader(max_pixels)))
+    rep = _run_each(groups, one_group, keep_going, "encode", key=lambda g: str(g[0][0]))
+    _finish(rep, as_json, {"model": vae.entry.id, "scale": scale})
+
+
+def _output_paths(paths: list[Path], output: Optional[Path], suffix: str) -> dict[Path, Path]:
+    """One input + -o FILE -> that file; several inputs -> -o is a directory (default: beside inputs)."""
+    def name(p: Path) -> str:
+        stem = p.name
+        for s in (".latent.safetensors", ".safetensors", ".latent"):
+            if stem.endswith(s):
+                stem = stem[: -len(s)]
+                break
+        else:
+            stem = p.stem
+        return stem + suffix
+
+    if output is not None and len(paths) == 1 and not output.is_dir():
+        return {paths[0]: output}
+    if output is not None and output.exists() and not output.is_dir():
+        raise UsageError(f"{output}: -o must be a directory when there are several inputs")
+    outs = {p: (output / name(p) if output is not None else p.with_name(name(p))) for p in paths}
+    if len(set(outs.values())) != len(outs):
+        raise UsageError("several inputs map to the same output name; give them distinct names")
+    return outs
+
+
+# --------------------------------------------------------------------------- decode
+def _decoder_vae(model: Optional[str], decoder: Optional[str], rec_model: str, device: str, dtype: str,
+                 steps: Optional[int], seed: Optional[int]):
+    from vaepack.vae import load_vae
+
+    name = decoder or model or rec_model
+    vae = load_vae(name, parts=("decoder",), device=device, dtype=dtype)
+    mod = vae.parts["decoder"].module
+    if steps is not None or seed is not None:
+        if not hasattr(mod, "steps"):
+            raise UsageError(f"--steps/--seed apply to diffusion decoders; '{vae.entry.id}' is deterministic")
+        if steps is not None:
+            if steps < 1:
+                raise UsageError("--steps must be >= 1")
+            mod.steps = steps
+        if seed is not None:
+            mod.seed = seed
+    return vae
+
+
+@app.command()
+def decode(
+    latents: list[str] = typer.Argument(..., help="Latent files (.latent.safetensors or ComfyUI .latent)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output image (one input) or directory."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Decoder model (default: the one that "
+                                        "wrote the latent)."),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="Decoder model of the same latent space, "
+                                          "e.g. `eps` for the diffusion decoder."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (diffusion decoders)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed (diffusion decoders)."),
+    native: bool = typer.Option(False, "--native", help="Keep the decoded resolution (no crop/downsample)."),
+    dtype: str = DtypeOpt, device: str = DeviceOpt, force: bool = ForceOpt, keep_going: bool = KeepOpt,
+    tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
+    as_json: bool = JsonOpt,
+    mismatch_ok: bool = typer.Option(False, "--force-space", help="Decode a latent from another latent "
+                                     "space/convention anyway."),
+):
+    """Decode latent files to images, restoring the original size by default."""
+    from vaepack.io import check_output, expand_inputs, save_image
+    from vaepack.latents import load_latent
+    from vaepack.pipeline import decode_record
+
+    tiles = _tiles(tile_budget, tile_size, tile_overlap)
+    paths = [Path(p) for p in latents] if not any(any(c in p for c in "*?[") for p in latents) else \
+        expand_inputs(latents)
+    outs = _output_paths(paths, output, ".recon.png")
+    cache: dict[str, Any] = {}
+
+    def one(p: Path):
+        check_output(outs[p], force)
+        rec = load_latent(p, default_model=model or decoder)
+        key = decoder or model or rec.model
+        if key not in cache:
+            cache[key] = _decoder_vae(model, decoder, rec.model, device, dtype, steps, seed)
+        y = decode_record(cache[key], rec, native=native, tiles=tiles, force=mismatch_ok, path=str(p))
+        save_image(outs[p], y, force=force)
+        if not as_json:
+            _note(f"{p} -> {outs[p]}  {y.shape[-1]}x{y.shape[-2]}")
+        return {"input": str(p), "output": str(outs[p]), "size": [y.shape[-1], y.shape[-2]]}
+
+    rep = _run_each(paths, one, keep_going, "decode")
+    _finish(rep, as_json)
+
+
+# --------------------------------------------------------------------------- roundtrip
+@app.command()
+def roundtrip(
+    inputs: list[str] = typer.Argument(..., help="Image files, directories or glob patterns."),
+    model: str = ModelOpt,
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="Decoder model (default: --model's)."),
+    scale: float = typer.Option(1.0, "--scale", "-s", help="Resolution remap factor (see encode)."),
+    filter: str = typer.Option("bilinear", "--filter"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (diffusion decoders)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed (diffusion decoders)."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="Write a side-by-side image (original | "
+                                           "reconstruction); a directory when there are several inputs."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write reconstructions (file or directory)."),
+    dtype: str = DtypeOpt, device: str = DeviceOpt, force: bool = ForceOpt, keep_going: bool = KeepOpt,
+    tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
+    max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt,
+):
+    """Encode + decode and report PSNR, MSE, SSIM and MS-SSIM against the input."""
+    import torch
+
+    from vaepack.io import check_output, expand_inputs, save_image
+    from vaepack.metrics import image_metrics
+    from vaepack.pipeline import decode_record, encode_tensor
+    from vaepack.vae import load_vae
+
+    tiles = _tiles(tile_budget, tile_size, tile_overlap)
+    paths = expand_inputs(inputs)
+    cmp_outs = _output_paths(paths, compare, ".compare.png") if compare else {}
+    rec_outs = _output_paths(paths, save, ".recon.png") if save else {}
+    enc = load_vae(model, parts=("encoder",), device=device, dtype=dtype)
+    dec = _decoder_vae(None, decoder or model, model, device, dtype, steps, seed)
+    load = _loader(max_pixels)
+
+    def one(p: Path):
+        for o in (cmp_outs.get(p), rec_outs.get(p)):
+            if o is not None:
+                check_output(o, force)
+        x = load(p)
+        rec = encode_tensor(enc, x, scale, filter, tiles, str(p), model_id=model)
+        y = decode_record(dec, rec, tiles=tiles, path=str(p))
+        m = image_metrics(y, x)
+        if p in cmp_outs:
+            save_image(cmp_outs[p], torch.cat([x, y], dim=-1), force=force)
+        if p in rec_outs:
+            save_image(rec_outs[p], y, force=force)
+        return {"input": str(p), "size": [x.shape[-1], x.shape[-2]], **{k: _finite(float(v)) for k, v in m.items()}}
+
+    rep = _run_each(paths, one, keep_going, "roundtrip")
+    keys = ("psnr", "mse", "ssim", "ms_ssim")
+    mean = {k: (sum(r[k] for r in rep.ok if r[k] is not None) / max(1, sum(r[k] is not None for r in rep.ok)))
+            for k in keys} if rep.ok else {}
+    if not as_json and rep.ok:
+        from rich.table import Table
+
+        t = Table(title=f"{enc.entry.id} -> {dec.entry.id}, scale {scale:g}")
+        t.add_column("image")
+        for k in ("PSNR dB", "MSE x1e-4", "SSIM", "MS-SSIM"):
+            t.add_column(k, justify="right")
+
+        def fmt(r):
+            def f(v, d=2, mul=1.0):
+                return "inf" if v is None else f"{v * mul:.{d}f}"
+            return [f(r["psnr"]), f(r["mse"], 2, 1e4), f(r["ssim"], 4), f(r["ms_ssim"], 4)]
+        for r in rep.ok:
+            t.add_row(Path(r["input"]).name, *fmt(r))
+        if len(rep.ok) > 1:
+            t.add_row("mean", *fmt(mean))
+        _stdout().print(t)
+    _finish(rep, as_json, {"encoder": enc.entry.id, "decoder": dec.entry.id, "scale": scale, "mean": mean})
+
+
+# --------------------------------------------------------------------------- weights
+def _human(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@weights_app.command("list")
+def weights_list(as_json: bool = JsonOpt):
+    """Every model in weights_manifest.yaml, cached or not."""
+    from vaepack import weights as W
+    from vaepack.manifest import load_manifest
+
+    man = load_manifest()
+    rows = []
+    for mid, e in man.models.items():
+        st = W.status(e)
+        size = sum(s.spec.size or 0 for s in st) if all(s.spec.size for s in st) else None
+        rows.append({"id": mid, "aliases": list(e.aliases), "space": e.space.name, "parts": list(e.parts),
+                     "families": sorted({p.family for p in e.parts.values()}), "license": e.license,
+                     "size": size, "embedded": e.embedded,
+                     "status": "embedded" if e.embedded else ("cached" if all(s.present for s in st) else
+                                                              "partial" if any(s.present for s in st) else
+                                                              "not cached"),
+                     "description": e.description})
+    if as_json:
+        _emit_json({"manifest": str(man.path), "cache": str(W.weights_dir()), "models": rows})
+        return
+    from rich.table import Table
+
+    t = Table(title=f"models ({man.path.name}); cache: {W.weights_dir()}")
+    for c in ("id", "space", "parts", "family", "size", "status", "license"):
+        t.add_column(c)
+    for r in rows:
+        ident = r["id"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
+        t.add_row(ident, r["space"], "+".join(r["parts"]), "+".join(r["families"]), _human(r["size"]),
+                  r["status"], r["license"])
+    _stdout().print(t)
+
+
+@weights_app.command("pull")
+def weights_pull(
+    model: str = typer.Argument(..., help="Model id or alias."),
+    force: bool = typer.Option(False, "--force", help="Download again even if cached."),
+    clear_partial: bool = typer.Option(False, "--clear-partial", help="Delete partial downloads first "
+                                       "instead of resuming them."),
+    as_json: bool = JsonOpt,
+):
+    """Download a model's files (mirror first: VAEPACK_MIRROR), verify sha256, cache them."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from vaepack import weights as W
+    from vaepack.manifest import get_model
+
+    e = get_model(model)
+    if clear_partial:
+        W.clear_partial(e)
+    err = _stderr()
+    out = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=err, disable=not err.is_terminal, transient=True) as prog:
+        for f in W.model_files(e):
+            task = prog.add_task(f.name, total=f.size)
+            path = W.pull_file(f, progress=lambda d, t: prog.update(task, completed=d, total=t), force=force)
+            out.append({"file": f.name, "path": str(path), "sha256": W.expected_sha256(f)})
+            if not as_json:
+                _note(f"{f.name}: ok ({path})")
+    if as_json:
+        _emit_json({"model": e.id, "files": out})
+
+
+@weights_app.command("verify")
+def weights_verify(model: Optional[str] = typer.Argument(None, help="Model id (default: every cached model)."),
+                   as_json: bool = JsonOpt):
+    """Re-hash cached files against the manifest; a mismatch is an error."""
+    from vaepack import weights as W
+    from vaepack.errors import WeightsError
+    from vaepack.manifest import get_model, load_manifest
+
+    entries = [get_model(model)] if model else list(load_manifest().models.values())
+    results, bad = [], 0
+    for e in entries:
+        for s in W.status(e):
+            if not s.present:
+                if model:
+                    results.append({"model": e.id, "file": s.spec.name, "status": "missing"})
+                    bad += 1
+                continue
+            try:
+                W.verify_file(s.spec, s.path)
+                results.append({"model": e.id, "file": s.spec.name, "status": "ok"})
+            except WeightsError as ex:
+                results.append({"model": e.id, "file": s.spec.name, "status": "bad", "error": str(ex)})
+                bad += 1
+    if as_json:
+        _emit_json({"files": results})
+    else:
+        for r in results:
+            _note(f"{r['model']}/{r['file']}: {r['status']}" + (f" - {r['error']}" if "error" in r else ""))
+        if not results:
+            _note("nothing cached to verify")
+    if bad:
+        raise typer.Exit(1)
+
+
+@weights_app.command("path")
+def weights_path(model: str = typer.Argument(...), part: Optional[str] = typer.Option(None, "--part")):
+    """Print the local path of a model's files (pulls nothing; exit 1 if missing)."""
+    from vaepack import weights as W
+    from vaepack.manifest import get_model
+
+    e = get_model(model)
+    missing = False
+    for pname, p in e.parts.items():
+        if part and pname != part:
+            continue
+        for f in p.files:
+            path = W.file_path(f)
+            print(path)
+            missing |= not path.is_file()
+    if missing:
+        _note(f"some files of '{e.id}' are not cached; run `vaepack weights pull {e.id}`")
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- entry point
+def _setup_logging() -> None:
+    log = logging.getLogger("vaepack")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("warning: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.WARNING)
+        log.propagate = False
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    import click
+
+    _setup_logging()
+    try:
+        app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        return 0
+    except VaepackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
