@@ -504,11 +504,150 @@ def weights_path(model: str = typer.Argument(...), part: Optional[str] = typer.O
         raise typer.Exit(1)
 
 
+# --------------------------------------------------------------------------- paper measurements
+@app.command()
+def sweep(
+    inputs: list[str] = typer.Argument(..., help="Images, directories or globs."),
+    model: str = ModelOpt,
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Also sweep this model (e.g. taef2)."),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="Decode every model with this decoder."),
+    scales: str = typer.Option("0.5,1,1.5,2,3,4", "--scales"),
+    filter: str = typer.Option("bilinear", "--filter"),
+    dtype: str = DtypeOpt, device: str = DeviceOpt, as_json: bool = JsonOpt,
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="PSNR vs scale PNG (the paper's Fig. 3)."),
+):
+    """Quality vs input scale per model, mean ± std over images (Chu et al. 2026, Table I)."""
+    from vaepack import analysis as A
+
+    models = [model] + ([teacher] if teacher else [])
+    res = A.sweep(inputs, models, _csv(scales, float), decoder=decoder, device=device, dtype=dtype, filter=filter,
+                  progress=None if as_json else _note)
+    if plot_out:
+        A.plot_sweep(res, plot_out)
+    if as_json:
+        _emit_json(_nan_to_none(res))
+    else:
+        print(A.sweep_markdown(res))
+
+
+@app.command("latent-stats")
+def latent_stats(
+    inputs: list[str] = typer.Argument(..., help="Images, directories or globs."),
+    model: str = ModelOpt,
+    teacher: str = typer.Option("taef2", "--teacher"),
+    sizes: str = typer.Option("64,128,256,384,512,768,1024", "--sizes"),
+    dtype: str = DtypeOpt, device: str = DeviceOpt, as_json: bool = JsonOpt,
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Statistics vs resolution PNG (Fig. 5/6)."),
+):
+    """Latent mean/std per resolution for student and teacher, with Gaussian KL (Eq. 2) and JS."""
+    from vaepack import analysis as A
+
+    res = A.latent_stats(inputs, model, teacher, _csv(sizes, int), device=device, dtype=dtype,
+                         progress=None if as_json else _note)
+    if plot_out:
+        A.plot_stats(res, plot_out)
+    if as_json:
+        _emit_json(_nan_to_none(res))
+    else:
+        print(A.stats_markdown(res))
+
+
+def _nan_to_none(o):
+    if isinstance(o, float):
+        return _finite(o)
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_nan_to_none(v) for v in o]
+    return o
+
+
+# --------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    models: str = typer.Option("default", "--models", help="Comma-separated model ids."),
+    parts: str = typer.Option("encoder,decoder", "--parts"),
+    backends: str = typer.Option("torch", "--backends", help="torch, onnxruntime, openvino, tensorrt."),
+    precision: str = typer.Option("fp32", "--precision", help="Comma-separated: fp32, bf16, fp16."),
+    scales: str = typer.Option("1", "--scales"),
+    sizes: str = typer.Option("256", "--sizes", help="Square input sizes in pixels."),
+    batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Image folder: adds round-trip PSNR/SSIM/MS-SSIM."),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="Decoder for the round trip / decoder rows."),
+    nfe: Optional[str] = typer.Option(None, "--nfe", help="Diffusion-decoder steps, comma-separated."),
+    repeat: int = typer.Option(10, "--repeat", help="Timed runs per row (after warm-up)."),
+    warmup: int = typer.Option(2, "--warmup"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use at most N images of --data."),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Center-crop --data images to N x N."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="Run a named suite from benchmarks/suites."),
+    rd: bool = typer.Option(False, "--rd", help="Rate-distortion of latents vs JPEG/WebP (needs --data)."),
+    device: str = DeviceOpt,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here ('-' = stdout)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart."),
+):
+    """Latency, throughput, params, FLOPs, memory and quality per model/part/backend/precision/size."""
+    from vaepack import bench as B
+
+    err = _stderr()
+
+    def progress(done, total, row):
+        st = row.get("status")
+        lat = row.get("latency_ms_median")
+        what = f"{row.get('model')}/{row.get('part', row.get('codec', ''))} {row.get('backend', '')} " \
+               f"{row.get('precision', '')} {row.get('size', '')} x{row.get('scale', '')} b{row.get('batch', '')}"
+        _note(f"[{done}/{total}] {what}: " + (f"{lat:.1f} ms" if st == "ok" and lat is not None else
+                                               str(st if st != "ok" else "done")) +
+              (f" ({row.get('reason')})" if row.get("reason") else ""))
+
+    if suite:
+        res = B.run_suite(suite, progress=progress)
+    elif rd:
+        if data is None:
+            raise UsageError("--rd needs --data DIR")
+        res = B.run_rd(_csv(models), data, scales=_csv(scales, float), decoder=decoder,
+                       precision=_csv(precision)[0] if precision else "fp32", device=device,
+                       max_images=max_images, crop=crop, progress=progress)
+    else:
+        res = B.run_bench(_csv(models), parts=_csv(parts), backends=_csv(backends), precisions=_csv(precision),
+                          scales=_csv(scales, float), sizes=_csv(sizes, int), batches=_csv(batch, int),
+                          data_dir=data, decoder=decoder, nfe=_csv(nfe, int) or None, repeat=repeat,
+                          warmup=warmup, device=device, threads=threads, max_images=max_images, crop=crop,
+                          progress=progress)
+    if json_out is not None:
+        if str(json_out) == "-":
+            sys.stdout.write(B.to_json(res) + "\n")
+        else:
+            B.save(res, json_out)
+            _note(f"wrote {json_out}")
+    if markdown or json_out is None:
+        sys.stdout.write(B.to_markdown(res) + "\n")
+    if plot_out is not None:
+        B.plot(res, plot_out)
+        _note(f"wrote {plot_out}")
+    if res.get("interrupted"):
+        err.print("interrupted: the rows above are the ones finished")
+        raise typer.Exit(130)
+
+
 # --------------------------------------------------------------------------- entry point
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the *current* sys.stderr (it may be swapped after setup: tests, embedding apps)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging() -> None:
     log = logging.getLogger("vaepack")
     if not log.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("warning: %(message)s"))
         log.addHandler(h)
         log.setLevel(logging.WARNING)
@@ -520,8 +659,9 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     _setup_logging()
     try:
-        app(args=list(argv) if argv is not None else None, standalone_mode=False)
-        return 0
+        rv = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        # With standalone_mode=False click *returns* the code of a typer.Exit raised in a command.
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except VaepackError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
