@@ -125,3 +125,14 @@ def _assert_clean_error(err: str, *needles: str) -> str:
 def clean_error():
     """``clean_error(stderr, *needles)``: see ``_assert_clean_error``."""
     return _assert_clean_error
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small, shared CPU this is faster than oversubscribing it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -222,6 +222,13 @@ def test_eps_step_export(zoo, out):
     assert [i.name for i in m.graph.input] == ["x_t", "t", "z"]
 
 
+@pytest.mark.slow
+def test_dynamo_exporter(zoo, out):
+    res = X.export_onnx(zoo["tae"], "decoder", out, exporter="dynamo", opset=18, parity_sizes=SIZES)
+    assert res.sidecar["exporter"] == "dynamo" and res.parity["passed"]
+    assert_dynamic(res.onnx_path)
+
+
 def test_eps_step_needs_eps_family(zoo, out):
     with pytest.raises(UsageError, match="eps-VAE"):
         X.export_onnx(zoo["tae"], "eps-step", out)
@@ -243,7 +250,8 @@ def test_fp16_export(zoo, out):
     types_ = {i.data_type for i in m.graph.initializer if len(i.dims) == 4}
     assert types_ == {onnx.TensorProto.FLOAT16}  # conv weights are fp16
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert res.onnx_path.stat().st_size < 0.7 * X.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES).onnx_path.stat().st_size
+    fp32 = X.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES)
+    assert res.onnx_path.stat().st_size < 0.7 * fp32.onnx_path.stat().st_size
 
 
 @pytest.mark.skipif(not HAS_KL, reason="vaepack/models/autoencoder_kl.py not there yet")
@@ -391,6 +399,19 @@ def test_trt_build_fails_clearly_without_gpu(zoo, out):
     res = X.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES)
     with pytest.raises(BackendUnavailableError, match="TensorRT|CUDA"):
         X.build_trt_engine(res.onnx_path, "preview-512")
+
+
+@pytest.mark.skipif(_trt_ready(), reason="TensorRT and a GPU are present")
+def test_export_trt_checks_tensorrt_before_exporting(zoo, out):
+    with pytest.raises(BackendUnavailableError):
+        X.export_trt(zoo["tae"], "decoder", "preview-512", out_dir=out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_parity_summary(zoo, out):
+    res = X.export_onnx(zoo["tae"], "encoder", out, parity_sizes=SIZES)
+    lines = X.parity_summary(res.parity)
+    assert len(lines) == len(res.parity["checks"]) + 1 and lines[-1].startswith("parity passed")
 
 
 def test_trt_refuses_fp16_for_unsafe_before_building(zoo, out):

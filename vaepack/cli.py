@@ -77,18 +77,22 @@ class BatchReport:
         return f"{len(self.ok)} ok, {len(self.failed)} failed"
 
 
-def _run_each(items: list, fn: Callable[[Any], dict | list[dict]], keep_going: bool, label: str,
-              key: Callable[[Any], str] = str) -> BatchReport:
-    """Run ``fn`` per item with a progress bar; stop at the first error unless ``keep_going``."""
+def _run_each(items: Iterable, fn: Callable[[Any], dict | list[dict]], keep_going: bool, label: str,
+              key: Callable[[Any], str] = str, total: int | None = None) -> BatchReport:
+    """Run ``fn`` per item with a progress bar; stop at the first error unless ``keep_going``.
+
+    ``items`` may be a generator when ``total`` (progress units; a list item counts its length) is given.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     rep = BatchReport()
     err = _stderr()
-    show = len(items) > 3 and err.is_terminal
+    total = len(items) if total is None else total
+    show = total > 3 and err.is_terminal
     prog = Progress(TextColumn(f"{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=err, disable=not show, transient=True)
     with prog:
-        task = prog.add_task(label, total=len(items))
+        task = prog.add_task(label, total=total)
         for it in items:
             try:
                 res = fn(it)
@@ -194,6 +198,8 @@ def encode(
     suffix = ".latent" if fmt == "comfyui" else ".latent.safetensors"
     outs = _output_paths(paths, output, suffix)
     vae = load_vae(model, parts=("encoder",), device=device, dtype=dtype)
+    # ComfyUI keeps FLUX.2 latents 2x2-packed: pad so that the latent size is even.
+    pad_multiple = 2 * vae.factor if fmt == "comfyui" and vae.space.norm == "flux2_bn" else None
 
     def one_group(group):
         if isinstance(group[0][1], VaepackError):
@@ -203,7 +209,7 @@ def encode(
 
             check_output(outs[p], force)
         recs = encode_batch(vae, [x for _, x in group], scale, filter, tiles, [str(p) for p, _ in group],
-                            model_id=model)
+                            model_id=model, pad_multiple=pad_multiple)
         res = []
         for (p, _), rec in zip(group, recs):
             L.save_latent(outs[p], rec, fmt=fmt)
@@ -213,8 +219,8 @@ def encode(
                 _note(f"{p} -> {outs[p]}  latent {tuple(rec.latent.shape[1:])}")
         return res
 
-    groups = list(_group_by_size(paths, batch_size, _loader(max_pixels)))
-    rep = _run_each(groups, one_group, keep_going, "encode", key=lambda g: str(g[0][0]))
+    groups = _group_by_size(paths, batch_size, _loader(max_pixels))  # lazy: one group in memory at a time
+    rep = _run_each(groups, one_group, keep_going, "encode", key=lambda g: str(g[0][0]), total=len(paths))
     _finish(rep, as_json, {"model": vae.entry.id, "scale": scale})
 
 
@@ -491,14 +497,12 @@ def weights_path(model: str = typer.Argument(...), part: Optional[str] = typer.O
     from vaepack.manifest import get_model
 
     e = get_model(model)
+    parts = [e.part(part).part] if part else None  # an unknown --part is a usage error (exit 2)
     missing = False
-    for pname, p in e.parts.items():
-        if part and pname != part:
-            continue
-        for f in p.files:
-            path = W.file_path(f)
-            print(path)
-            missing |= not path.is_file()
+    for f in W.model_files(e, parts):  # a file shared by encoder and decoder is listed once
+        path = W.file_path(f)
+        print(path)
+        missing |= not path.is_file()
     if missing:
         _note(f"some files of '{e.id}' are not cached; run `vaepack weights pull {e.id}`")
         raise typer.Exit(1)
@@ -654,9 +658,25 @@ def _setup_logging() -> None:
         log.propagate = False
 
 
-def main(argv: Iterable[str] | None = None) -> int:
-    import click
+def _click_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(exit, usage, abort) exception types. Recent typer vendors its own click (typer._click),
+    whose exceptions are not click's: catch both, or a typo in an option becomes a traceback."""
+    exits: tuple = (typer.Exit,)
+    usage: tuple = (typer.TyperException,) if hasattr(typer, "TyperException") else ()
+    aborts: tuple = (typer.Abort,)
+    try:
+        import click
 
+        exits += (click.exceptions.Exit,)
+        usage += (click.ClickException,)
+        aborts += (click.exceptions.Abort,)
+    except ImportError:
+        pass
+    return exits, usage, aborts
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    exits, usage, aborts = _click_exceptions()
     _setup_logging()
     try:
         rv = app(args=list(argv) if argv is not None else None, standalone_mode=False)
@@ -665,12 +685,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     except VaepackError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except exits as e:
         return e.exit_code
-    except click.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        return e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except usage as e:
+        msg = e.format_message()
+        if msg.strip():  # empty when the help was shown instead (no arguments at all)
+            print(f"error: {msg}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except (KeyboardInterrupt, *aborts):
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

@@ -340,8 +340,13 @@ class ExportResult:
 
 def _io_spec(entry: ModelEntry, part: str, in_channels: int = 3) -> tuple[list[dict], list[dict]]:
     c = entry.space.channels
-    img = lambda name: {"name": name, "shape": ["batch", in_channels, "height", "width"], "dtype": "float32"}  # noqa: E731
-    lat = lambda name: {"name": name, "shape": ["batch", c, "latent_height", "latent_width"], "dtype": "float32"}  # noqa: E731
+
+    def img(name):
+        return {"name": name, "shape": ["batch", in_channels, "height", "width"], "dtype": "float32"}
+
+    def lat(name):
+        return {"name": name, "shape": ["batch", c, "latent_height", "latent_width"], "dtype": "float32"}
+
     if part == "encoder":
         return [img("image")], [lat("latent")]
     if part == "decoder":
@@ -353,7 +358,7 @@ def _dynamic_axes(inputs: list[dict], outputs: list[dict]) -> dict[str, dict[int
     return {t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)} for t in inputs + outputs}
 
 
-def size_multiple(entry: ModelEntry, include_convention: bool, part: str) -> int:
+def size_multiple(entry: ModelEntry, part: str) -> int:
     """Pixel sizes must be multiples of this: the latent factor, twice that where FLUX.2's 2x2
     packing runs (in the graph, or outside it by the runner)."""
     f = entry.space.factor
@@ -486,7 +491,7 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
         graph = _Graph(net, part, entry.space, image_range, native, bn, include_convention, dtype).eval()
         ref_fn = None
     inputs, outputs = _io_spec(entry, part)
-    mult = size_multiple(entry, include_convention, part)
+    mult = size_multiple(entry, part)
     if part == "eps-step":
         # The step may pad to its UNet's multiple with a shape-dependent branch that tracing fixes
         # at the example size; the family states the multiple at which no padding happens.
@@ -508,7 +513,8 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
         "factor": entry.space.factor, "size_multiple": mult,
         "inputs": inputs, "outputs": outputs,
     }
-    example = _example_inputs(entry, part, sizes[0], batch=1)
+    # Batch 2 and the largest parity size: the dynamo exporter specializes dimensions of size 1.
+    example = _example_inputs(entry, part, max(sizes, key=lambda s: s[0] * s[1]), batch=2)
 
     t0 = time.time()
     from vaepack.io import atomic_output
@@ -516,6 +522,10 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
     with atomic_output(onnx_path) as tmp:
         _torch_export(graph, example, tmp, inputs, outputs, opset, exporter)
         model = onnx.load(str(tmp))
+        actual = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+        if actual != opset:  # the dynamo exporter falls back to its native opset when it cannot convert
+            log.warning("%s: asked for opset %d, the exporter wrote opset %d", onnx_path.name, opset, actual)
+            sc["opset_requested"], sc["opset"] = opset, actual
         meta = {"vaepack.model": entry.id, "vaepack.part": part, "vaepack.weights_sha256": digest,
                 "vaepack.precision": precision, "vaepack.include_convention": str(include_convention).lower(),
                 "vaepack.version": __version__}
@@ -568,6 +578,7 @@ def _torch_export(graph: nn.Module, example, path: Path, inputs, outputs, opset:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message="Constant folding")  # chunk() Slices stay unfolded
+            warnings.simplefilter("ignore", FutureWarning)  # torch.export internals (dynamo exporter)
             if exporter == "torchscript":
                 torch.onnx.export(graph, example, str(path), dynamo=False, opset_version=opset,
                                   input_names=names_in, output_names=names_out,
@@ -650,7 +661,15 @@ def _parity(sc: dict, onnx_file: Path, entry: ModelEntry, part: str, module: nn.
                     ref = vae.decode(args[0])
                 else:
                     ref = ref_fn(*args)
-            got = runner(*args) if part == "eps-step" else runner(args[0])
+            try:
+                got = runner(*args) if part == "eps-step" else runner(args[0])
+            except VaepackError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a runtime's own error: the graph is broken
+                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise ExportError(f"the exported graph fails in {runner.backend} on {label} "
+                                  f"{list(args[0].shape)}: {msg}; nothing was written",
+                                  hint="try the other exporter or another --opset") from None
             diff = (got.float() - ref).abs()
             err = float(diff.max()) if torch.isfinite(got).all() else float("inf")
             rng = float(ref.max() - ref.min())
@@ -676,6 +695,17 @@ def _parity(sc: dict, onnx_file: Path, entry: ModelEntry, part: str, module: nn.
             f"tolerance {tol:g}; nothing was written",
             hint="export fp32, or report it with the model and opset")
     return result
+
+
+def parity_summary(parity: dict) -> list[str]:
+    """Lines for the CLI: one per parity check, then the verdict."""
+    lines = [f"{c['input']:<28} {'x'.join(map(str, c['shape'])):<16} max abs err {c['max_abs_err']:.3g} "
+             f"({c['rel_err']:.2g} of range {c['output_range']:.3g})" for c in parity.get("checks", [])]
+    verdict = "passed" if parity.get("passed") else "FAILED"
+    lines.append(f"parity {verdict}: max abs err {parity.get('max_abs_err', float('nan')):.3g}, tolerance "
+                 f"{parity.get('tolerance_rel')} of the range ({parity.get('precision_checked', '?')} on "
+                 f"{parity.get('runtime', '?')})")
+    return lines
 
 
 # --------------------------------------------------------------------------- reading artifacts
@@ -909,7 +939,8 @@ def _trt_has(trt, enum: str, member: str) -> bool:
 
 def build_trt_engine(onnx_path: str | Path, profile: str | Path | Profile, precision: str | None = None, *,
                      out_path: str | Path | None = None, workspace_gb: float | None = None,
-                     timing_cache: str | Path | None = None, parity: bool = True) -> Path:
+                     timing_cache: str | Path | None = None, parity: bool = True,
+                     check_weights: bool = True) -> Path:
     """Build and serialize a TensorRT engine from a vaepack ONNX export.
 
     - precision: ``None`` takes the profile's choice for the model's family (skipping fp16 for
@@ -927,7 +958,7 @@ def build_trt_engine(onnx_path: str | Path, profile: str | Path | Profile, preci
     from vaepack.weights import atomic_write_bytes
 
     onnx_path = Path(onnx_path)
-    sc = verify_artifact(onnx_path, check_weights=False)
+    sc = verify_artifact(onnx_path, check_weights=check_weights)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     if sc["part"] == "eps-step" and precision is None:
         precision = prof.precision_for("eps", sc.get("fp16_safe", True))
@@ -969,7 +1000,7 @@ def build_trt_engine(onnx_path: str | Path, profile: str | Path | Profile, preci
         pinned = 0
         for i in range(network.num_layers):
             layer = network.get_layer(i)
-            if layer.type == trt.LayerType.RESIZE:
+            if chosen == "bf16" and layer.type == trt.LayerType.RESIZE:  # TensorRT has no bf16 Resize
                 layer.precision = trt.float32
                 layer.set_output_type(0, trt.float32)
                 pinned += 1
@@ -981,7 +1012,8 @@ def build_trt_engine(onnx_path: str | Path, profile: str | Path | Profile, preci
     config.add_optimization_profile(opt)
 
     gpu = torch.cuda.get_device_name(0).replace(" ", "_")
-    tc_path = Path(timing_cache) if timing_cache else cache_dir() / "tensorrt" / f"timing-{gpu}-trt{trt.__version__}.cache"
+    tc_path = (Path(timing_cache) if timing_cache
+               else cache_dir() / "tensorrt" / f"timing-{gpu}-trt{trt.__version__}.cache")
     tc_bytes = tc_path.read_bytes() if tc_path.is_file() else b""
     cache = config.create_timing_cache(tc_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -1014,6 +1046,22 @@ def build_trt_engine(onnx_path: str | Path, profile: str | Path | Profile, preci
         tmp.write_text(json.dumps(esc, indent=1) + "\n")
         _publish_mode(tmp)
     return out
+
+
+def export_trt(model_id: str, part: str = "decoder", profile: str | Path = "hires-1024", precision: str | None = None,
+               out_dir: str | Path | None = None, opset: int = DEFAULT_OPSET, include_convention: bool = True,
+               **kw) -> tuple[ExportResult, Path]:
+    """``vaepack export --trt``: resolve the precision (argument, else the profile's choice for the
+    model's family), export the matching ONNX graph (fp16 graph for fp16, fp32 graph otherwise),
+    build the engine next to it. Checks TensorRT/CUDA first so nothing is exported in vain."""
+    entry = get_model(model_id)
+    prof = load_profile(profile)
+    family = "eps" if part == "eps-step" else entry.part(part).family
+    chosen = precision or prof.precision_for(family, entry.fp16_safe)
+    _check_args(entry, part, chosen, opset, kw.get("exporter", "torchscript"))
+    require_tensorrt()
+    res = export_onnx(entry, part, out_dir, precision=chosen, opset=opset, include_convention=include_convention, **kw)
+    return res, build_trt_engine(res.onnx_path, prof, chosen)
 
 
 def read_engine_sidecar(engine_path: str | Path) -> dict[str, Any]:
@@ -1074,6 +1122,7 @@ def _trt_parity(engine_file: Path, esc: dict, prof: Profile, precision: str) -> 
 
 __all__ = [
     "DEFAULT_OPSET", "EXPORT_PARTS", "PRECISIONS", "TOLERANCES", "ExportResult", "Profile", "build_trt_engine",
-    "cached_export", "check_profile_shape", "export_onnx", "graph_post", "graph_pre", "list_profiles",
-    "load_profile", "profile_shapes", "read_engine_sidecar", "read_sidecar", "verify_artifact",
+    "cached_export", "check_profile_shape", "export_onnx", "export_trt", "graph_post", "graph_pre",
+    "list_profiles", "load_profile", "parity_summary", "profile_shapes", "read_engine_sidecar", "read_sidecar",
+    "verify_artifact",
 ]

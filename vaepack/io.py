@@ -1,7 +1,7 @@
 """Image reading/writing and atomic outputs.
 
 Reading treats bad input as expected: every failure becomes an ImageError naming the file.
-Mode policy (documented in the README): RGBA/LA/transparent palette images are composited on
+Mode policy (documented in the README): RGBA/LA/transparent palette (or tRNS) images are composited on
 white; grayscale is replicated to RGB; 16-bit images are scaled from 0..65535; CMYK/YCbCr/other
 modes are converted by Pillow; EXIF orientation is applied. Images above ``max_pixels`` are refused
 before decoding (decompression-bomb guard).
@@ -10,6 +10,7 @@ before decoding (decompression-bomb guard).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import warnings
@@ -67,6 +68,7 @@ def load_image(path: Path, max_pixels: int | None = None) -> torch.Tensor:
         raise ImageError("file is empty (0 bytes)", path=str(path))
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata: not for the user
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             old = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit below, before decoding
@@ -79,7 +81,11 @@ def load_image(path: Path, max_pixels: int | None = None) -> torch.Tensor:
                 raise ImageError(f"{w}x{h} pixels exceeds the limit of {limit} pixels", path=str(path),
                                  hint="raise --max-pixels / VAEPACK_MAX_PIXELS if this is intended")
             im.load()
-            im = ImageOps.exif_transpose(im)
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception as e:  # noqa: BLE001 - broken EXIF is metadata: keep the stored pixels
+                logging.getLogger("vaepack").warning("%s: unreadable EXIF orientation (%s: %s); not rotated",
+                                                     path, type(e).__name__, str(e).splitlines()[0][:80] if str(e) else "")
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -101,7 +107,7 @@ def pil_to_tensor(im) -> torch.Tensor:
     elif mode == "F":
         a = np.repeat(np.asarray(im, dtype=np.float32)[..., None], 3, axis=2)
     else:
-        if mode == "P" and "transparency" in im.info:
+        if mode in ("P", "L", "RGB") and "transparency" in im.info:  # palette index or tRNS colour key
             im = im.convert("RGBA")
         elif mode == "LA" or mode == "PA":
             im = im.convert("RGBA")

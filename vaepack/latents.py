@@ -32,6 +32,8 @@ FORMAT_VERSION = "1"
 LATENT_KEY = "latent"
 COMFY_KEY = "latent_tensor"
 COMFY_MARKER = "latent_format_version_0"
+COMFY_FORM = "comfyui_form"  # metadata: how `latent_tensor` relates to vaepack's diffusion-space latent
+COMFY_LEGACY_SCALE = 0.18215  # ComfyUI multiplies files without the marker by 1/0.18215
 
 
 # --------------------------------------------------------------------------- pixel range
@@ -119,6 +121,34 @@ class LatentRecord:
         }
 
 
+# --------------------------------------------------------------------------- ComfyUI form
+# ComfyUI keeps what its VAE node outputs and applies the latent format in the model
+# (``process_in``): for SD1/SDXL/SD3/FLUX.1 that is the raw VAE mean m (its process_in computes
+# scale * (m - shift)); for FLUX.2 it is the normalized, 2x2-packed (128, H/16, W/16) tensor.
+def to_comfyui(z: torch.Tensor, space: Space, packed: bool = False) -> tuple[torch.Tensor, str]:
+    """Diffusion-space latent -> (tensor as ComfyUI stores it, form name)."""
+    if space.norm == "flux2_bn":
+        return (z if packed else flux2_pack(z)), "flux2_packed"
+    if space.norm != "none":
+        raise LatentFileError(f"no ComfyUI form is known for the '{space.norm}' normalization")
+    return z / space.scale + space.shift, "raw"
+
+
+def from_comfyui(t: torch.Tensor, space: Space, form: str) -> tuple[torch.Tensor, bool]:
+    """Inverse of ``to_comfyui``: (diffusion-space latent, packed)."""
+    if form == "flux2_packed" or (space.norm == "flux2_bn" and t.shape[1] == 4 * space.channels):
+        return t, True
+    if space.norm == "flux2_bn":
+        return t, False
+    return space.scale * (t - space.shift), False
+
+
+def _space_of(conv: dict) -> Space:
+    return Space(name=str(conv.get("name", "")), channels=int(conv.get("channels", 0)),
+                 factor=int(conv.get("factor", 1)), scale=float(conv.get("scale", 1.0)),
+                 shift=float(conv.get("shift", 0.0)), norm=str(conv.get("norm", "none")))
+
+
 def save_latent(path: Path, rec: LatentRecord, fmt: str = "vaepack") -> None:
     """Write atomically (temp file + rename). ``fmt='comfyui'`` writes a ComfyUI ``.latent``."""
     from safetensors.torch import save_file
@@ -126,14 +156,21 @@ def save_latent(path: Path, rec: LatentRecord, fmt: str = "vaepack") -> None:
     from vaepack.io import atomic_output
 
     t = rec.latent.detach().to("cpu").contiguous()
+    meta = rec.metadata()
     if fmt == "comfyui":
-        # ComfyUI stores the raw latent NCHW plus an empty marker tensor; we keep our metadata too
-        # so `vaepack decode` can restore the original size.
-        tensors = {COMFY_KEY: t.float(), COMFY_MARKER: torch.tensor([])}
+        # ComfyUI's tensor + empty marker (no legacy 1/0.18215 rescale on load), in ComfyUI's own
+        # form (see to_comfyui); our metadata rides along so `vaepack decode` restores the size.
+        try:
+            c, form = to_comfyui(t.float(), _space_of(rec.convention), rec.packed)
+        except LatentFileError as e:
+            raise LatentFileError(str(e), path=str(path), hint="ComfyUI keeps FLUX.2 latents 2x2-packed: the "
+                                  "image needs a multiple of 16 px (`vaepack encode --format comfyui` pads for it)") from None
+        meta[COMFY_FORM] = form
+        tensors = {COMFY_KEY: c.contiguous(), COMFY_MARKER: torch.tensor([])}
     else:
         tensors = {LATENT_KEY: t}
     with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=rec.metadata())
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def _meta(meta: dict, key: str, path: Path, conv=str):
@@ -162,6 +199,7 @@ def load_latent(path: Path, default_model: str | None = None) -> LatentRecord:
                 raise LatentFileError(f"no '{LATENT_KEY}' or '{COMFY_KEY}' tensor (has: {', '.join(keys) or 'none'})",
                                       path=str(path))
             t = f.get_tensor(key)
+            legacy = key == COMFY_KEY and COMFY_MARKER not in keys
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LatentFileError(f"not a readable safetensors latent file ({str(e).splitlines()[0][:120]})",
                               path=str(path)) from None
@@ -178,10 +216,15 @@ def load_latent(path: Path, default_model: str | None = None) -> LatentRecord:
         if default_model is None:
             raise LatentFileError("latent has no vaepack metadata", path=str(path),
                                   hint="pass --model to say which decoder it belongs to")
-        h, w = t.shape[-2:]
+        packed = False
+        if key == COMFY_KEY:  # a ComfyUI latent: convert from ComfyUI's form with the named model's space
+            from vaepack.manifest import get_model
+
+            t = t.float() / COMFY_LEGACY_SCALE if legacy else t
+            t, packed = from_comfyui(t, get_model(default_model).space, "")
         return LatentRecord(latent=t, model=default_model, space="", weights_sha256="", scale=1.0,
                             filter="bilinear", orig_size=(0, 0), scaled_size=(0, 0), padding=(0, 0, 0, 0),
-                            convention={}, dtype=str(t.dtype).replace("torch.", ""), source="")
+                            convention={}, dtype=str(t.dtype).replace("torch.", ""), source="", packed=packed)
 
     def pair(s):
         v = json.loads(s)
@@ -199,6 +242,25 @@ def load_latent(path: Path, default_model: str | None = None) -> LatentRecord:
     )
     if len(rec.orig_size) != 2 or len(rec.scaled_size) != 2 or len(rec.padding) != 4:
         raise LatentFileError("latent metadata sizes are malformed", path=str(path))
+    if not isinstance(rec.convention, dict):
+        raise LatentFileError(f"latent metadata 'convention' is malformed: {meta['convention']!r}", path=str(path))
+    if key == COMFY_KEY and meta.get(COMFY_FORM):  # written by vaepack in ComfyUI's form
+        try:
+            rec.latent, packed = from_comfyui(t.float(), _space_of(rec.convention), meta[COMFY_FORM])
+        except (ValueError, TypeError):
+            raise LatentFileError("latent metadata 'convention' is malformed", path=str(path)) from None
+        rec.packed = rec.packed or packed
     if not (math.isfinite(rec.scale) and rec.scale > 0):
         raise LatentFileError(f"latent metadata scale must be > 0, got {rec.scale}", path=str(path))
+    (oh, ow), (sh, sw) = rec.orig_size, rec.scaled_size
+    if min(oh, ow, sh, sw) < 1:
+        raise LatentFileError("latent metadata sizes must be positive", path=str(path))
+    if (sh, sw) != (max(1, round(oh * rec.scale)), max(1, round(ow * rec.scale))):
+        raise LatentFileError(f"latent metadata disagree: orig_size {ow}x{oh} at scale {rec.scale:g} is not "
+                              f"scaled_size {sw}x{sh}", path=str(path))
+    from vaepack.io import max_pixels_default
+
+    if oh * ow > max_pixels_default():  # the decoded image is resized to orig_size: same guard as inputs
+        raise LatentFileError(f"latent metadata asks for a {ow}x{oh} image, above the limit of "
+                              f"{max_pixels_default()} pixels", path=str(path), hint="use --native")
     return rec

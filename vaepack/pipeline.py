@@ -137,8 +137,12 @@ def _decode(vae: VAE, z: torch.Tensor, tiles: TileOptions) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- public API
-def prepare(x: torch.Tensor, factor: int, scale: float, filter: str, source: str = ""):
-    """Remap + pad one image (3, H, W) -> (1, 3, H', W'), recording what was done."""
+def prepare(x: torch.Tensor, factor: int, scale: float, filter: str, source: str = "",
+            multiple: int | None = None):
+    """Remap + pad one image (3, H, W) -> (1, 3, H', W'), recording what was done.
+
+    The padding reaches a multiple of ``multiple`` (default ``factor``; e.g. 2 * factor where the
+    latent must have an even size, as FLUX.2's packed form)."""
     if not (math.isfinite(scale) and scale > 0):
         raise UsageError(f"--scale must be a positive number, got {scale}")
     h, w = x.shape[-2:]
@@ -147,14 +151,15 @@ def prepare(x: torch.Tensor, factor: int, scale: float, filter: str, source: str
         raise ImageError(f"image is {w}x{h}, smaller than one latent pixel ({factor}x{factor}) at scale {scale:g}",
                          path=source or None, hint=f"use a larger image or --scale >= {factor / min(h, w):.2f}")
     xs = resize(x[None], (sh, sw), filter)
-    xp, pad = pad_to_multiple(xs, factor)
+    xp, pad = pad_to_multiple(xs, multiple or factor)
     return xp, (h, w), (sh, sw), pad
 
 
 def encode_tensor(vae: VAE, x: torch.Tensor, scale: float = 1.0, filter: str = "bilinear",
-                  tiles: TileOptions | None = None, source: str = "", model_id: str | None = None) -> L.LatentRecord:
+                  tiles: TileOptions | None = None, source: str = "", model_id: str | None = None,
+                  pad_multiple: int | None = None) -> L.LatentRecord:
     """Encode one image (3, H, W) in [0, 1] into a LatentRecord."""
-    xp, orig, ssize, pad = prepare(x, vae.factor, scale, filter, source)
+    xp, orig, ssize, pad = prepare(x, vae.factor, scale, filter, source, pad_multiple)
     z = _encode(vae, xp, tiles or TileOptions())
     return L.LatentRecord(latent=z.cpu(), model=model_id or vae.entry.id, space=vae.space.name,
                           weights_sha256=vae.parts["encoder"].sha256, scale=scale, filter=filter,
@@ -164,12 +169,12 @@ def encode_tensor(vae: VAE, x: torch.Tensor, scale: float = 1.0, filter: str = "
 
 def encode_batch(vae: VAE, xs: list[torch.Tensor], scale: float = 1.0, filter: str = "bilinear",
                  tiles: TileOptions | None = None, sources: list[str] | None = None,
-                 model_id: str | None = None) -> list[L.LatentRecord]:
+                 model_id: str | None = None, pad_multiple: int | None = None) -> list[L.LatentRecord]:
     """Encode images of equal size in one forward pass (falls back to one-by-one otherwise)."""
     sources = sources or [""] * len(xs)
     if len(xs) == 1 or len({tuple(x.shape) for x in xs}) != 1:
-        return [encode_tensor(vae, x, scale, filter, tiles, s, model_id) for x, s in zip(xs, sources)]
-    prepared = [prepare(x, vae.factor, scale, filter, s) for x, s in zip(xs, sources)]
+        return [encode_tensor(vae, x, scale, filter, tiles, s, model_id, pad_multiple) for x, s in zip(xs, sources)]
+    prepared = [prepare(x, vae.factor, scale, filter, s, pad_multiple) for x, s in zip(xs, sources)]
     z = _encode(vae, torch.cat([p[0] for p in prepared]), tiles or TileOptions())
     return [L.LatentRecord(latent=z[i:i + 1].cpu(), model=model_id or vae.entry.id, space=vae.space.name,
                            weights_sha256=vae.parts["encoder"].sha256, scale=scale, filter=filter,
@@ -194,12 +199,12 @@ def check_compatible(rec: L.LatentRecord, vae: VAE, force: bool = False, path: s
     if rec.space != vae.space.name:
         raise LatentFileError(f"latent is in the '{rec.space}' space (written by '{rec.model}') but "
                               f"'{vae.entry.id}' decodes '{vae.space.name}' latents", path=path,
-                              hint="use a decoder of that space, or --force")
+                              hint="use a decoder of that space, or --force-space")
     want = L.convention(vae.space)
     if rec.convention and rec.convention != want:
         diff = sorted(k for k in set(want) | set(rec.convention) if want.get(k) != rec.convention.get(k))
         raise LatentFileError(f"latent convention differs from '{vae.entry.id}' in {', '.join(diff)}", path=path,
-                              hint="it was written with other scale/shift/normalization; use --force to decode anyway")
+                              hint="it was written with other scale/shift/normalization; use --force-space to decode anyway")
 
 
 def decode_record(vae: VAE, rec: L.LatentRecord, native: bool = False, tiles: TileOptions | None = None,

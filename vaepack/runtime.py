@@ -133,7 +133,7 @@ class TorchRunner(Runner):
         entry = get_model(model_id)
         super().__init__(entry.id, part, precision, in_channels=3 if part == "encoder" else entry.space.channels,
                          latent_input=part == "decoder", factor=entry.space.factor,
-                         size_multiple=X.size_multiple(entry, True, part))
+                         size_multiple=X.size_multiple(entry, part))
         self.threads = threads
         self.vae = load_vae(entry, parts=(part,), device=str(dev), dtype=precision)
 
@@ -289,6 +289,7 @@ class OpenVINORunner(_GraphRunner):
         import openvino as ov
 
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        hint = hint.to_string() if hasattr(hint, "to_string") else str(hint)
         return f"openvino {ov.__version__.split('-')[0]} CPU {self.precision} (inference precision {hint})"
 
 

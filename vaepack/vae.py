@@ -138,3 +138,32 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
                                native_is_diffusion=family_attr(spec, "NATIVE_IS_DIFFUSION", True),
                                sha256=digest, split=split)
     return vae
+
+
+class TeacherEncoder(nn.Module):
+    """A VAE's encoder under the one contract, as a module: [0, 1] images -> diffusion-space latents.
+
+    For distillation (Chu et al. 2026, Sec. III-A) a KL teacher gives a *reparameterized sample*
+    m + exp(logvar / 2) * eps (seeded), not its mean; deterministic teachers (TAE) give their latent.
+    """
+
+    def __init__(self, vae: VAE, sample: bool = True, seed: int = 0):
+        super().__init__()
+        self.vae = vae
+        self.part = vae.parts["encoder"]
+        self.module = self.part.module  # registered, so .to()/.float() reach the weights
+        self.sample = sample and hasattr(self.part.module, "moments")
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    @torch.no_grad()
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        if not self.sample:
+            return self.vae.encode(x01)
+        p = self.part
+        x = L.to_model_range(x01.to(self.vae.device, torch.float32), p.image_range)
+        with self.vae._autocast():
+            mean, logvar = p.module.moments(x)
+        mean, logvar = mean.float(), logvar.float()
+        eps = torch.randn(mean.shape, generator=self.generator).to(mean.device)
+        m = mean + torch.exp(0.5 * logvar) * eps
+        return L.mean_to_diffusion(m, self.vae.space, self.vae._bn_stats(p.module))

@@ -121,7 +121,11 @@ def verify_file(spec: FileSpec, path: Path | None = None) -> str:
 def mirrors() -> list[str]:
     """``VAEPACK_MIRROR``: local folders or base URLs (os.pathsep- or comma-separated), searched first."""
     raw = os.environ.get("VAEPACK_MIRROR", "")
-    return [m for chunk in raw.split(",") for m in chunk.split(os.pathsep) if m.strip()] if raw else []
+    out = []
+    for chunk in raw.split(","):
+        # A URL holds ':' (scheme, port): never split it on os.pathsep.
+        out += [chunk] if "://" in chunk else chunk.split(os.pathsep)
+    return [m.strip() for m in out if m.strip()]
 
 
 def _is_url(s: str) -> bool:
@@ -148,7 +152,13 @@ def _fetch_url(url: str, part: Path, progress: Progress | None) -> None:
     req = urllib.request.Request(url, headers={"User-Agent": "vaepack"})
     if done:
         req.add_header("Range", f"bytes={done}-")
-    with urllib.request.urlopen(req, timeout=60) as r:
+    try:
+        r = urllib.request.urlopen(req, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and done:  # nothing left to fetch: the .part is already whole; verify it
+            return
+        raise
+    with r:
         if done and getattr(r, "status", 200) != 206:
             done = 0  # server ignored the range: start over
         total = r.headers.get("Content-Length")
@@ -159,6 +169,10 @@ def _fetch_url(url: str, part: Path, progress: Progress | None) -> None:
                 done += len(block)
                 if progress:
                     progress(done, total)
+    if total is not None and done < total:
+        # http.client returns a short read instead of raising when the connection drops: keep the
+        # .part for a later resume and never hash (or trust on first use) a truncated download.
+        raise OSError(f"connection closed after {done} of {total} bytes (kept {part.name} to resume)")
 
 
 def _fetch(src: str, part: Path, progress: Progress | None) -> None:
@@ -222,8 +236,20 @@ def pull(entry: ModelEntry, parts: Iterable[str] | None = None, progress: Progre
 
 
 def ensure(entry: ModelEntry, part: str) -> list[Path]:
-    """Paths of a part's files, verified; pulled from a mirror/URL if missing."""
-    return [pull_file(f) for f in entry.part(part).files]
+    """Paths of a part's files, verified; pulled from a mirror/URL if missing.
+
+    A cached file that fails verification is an error here (never silently replaced on use):
+    ``vaepack weights pull`` fetches it again explicitly.
+    """
+    out = []
+    for f in entry.part(part).files:
+        p = file_path(f)
+        if f.embedded or p.is_file():
+            verify_file(f, p)
+            out.append(p)
+        else:
+            out.append(pull_file(f))
+    return out
 
 
 def clear_partial(entry: ModelEntry) -> int:
