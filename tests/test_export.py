@@ -110,6 +110,12 @@ def out(tmp_path):
     return tmp_path / "artifacts"
 
 
+@pytest.fixture(scope="module")
+def tae_decoder(zoo, tmp_path_factory):
+    """One shared fp32 export for the tests that only read an artifact."""
+    return X.export_onnx(zoo["tae"], "decoder", tmp_path_factory.mktemp("shared"), parity_sizes=SIZES)
+
+
 # --------------------------------------------------------------------------- helpers
 def assert_dynamic(onnx_path: Path, names=("batch", "height", "width")):
     m = onnx.load(str(onnx_path))
@@ -361,8 +367,8 @@ def test_shipped_profiles(name):
     assert name in X.list_profiles()
 
 
-def test_profile_shapes_and_refusal(zoo, out):
-    res = X.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES)
+def test_profile_shapes_and_refusal(tae_decoder):
+    res = tae_decoder
     p = X.load_profile("preview-512")
     shapes = X.profile_shapes(p, res.sidecar)
     assert shapes["latent"] == ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 64, 64))
@@ -395,10 +401,9 @@ def _trt_ready() -> bool:
 
 
 @pytest.mark.skipif(_trt_ready(), reason="TensorRT and a GPU are present")
-def test_trt_build_fails_clearly_without_gpu(zoo, out):
-    res = X.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES)
+def test_trt_build_fails_clearly_without_gpu(tae_decoder):
     with pytest.raises(BackendUnavailableError, match="TensorRT|CUDA"):
-        X.build_trt_engine(res.onnx_path, "preview-512")
+        X.build_trt_engine(tae_decoder.onnx_path, "preview-512")
 
 
 @pytest.mark.skipif(_trt_ready(), reason="TensorRT and a GPU are present")
@@ -408,8 +413,8 @@ def test_export_trt_checks_tensorrt_before_exporting(zoo, out):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_parity_summary(zoo, out):
-    res = X.export_onnx(zoo["tae"], "encoder", out, parity_sizes=SIZES)
+def test_parity_summary(tae_decoder):
+    res = tae_decoder
     lines = X.parity_summary(res.parity)
     assert len(lines) == len(res.parity["checks"]) + 1 and lines[-1].startswith("parity passed")
 

@@ -185,6 +185,15 @@ class View:
     decoded: torch.Tensor | None = None  # uint8 (3, H, W): teacher decoder output (decoder runs)
 
 
+def _pool_state(pool: list[View]) -> list[dict]:
+    # Plain dicts of tensors, so the cache loads whatever module name this file ran under.
+    return [{"image": v.image, "latent": v.latent, "decoded": v.decoded} for v in pool]
+
+
+def _pool_from_state(items) -> list[View]:
+    return [View(**d) if isinstance(d, dict) else View(d.image, d.latent, d.decoded) for d in items]
+
+
 def _views_of(img: torch.Tensor, views: Sequence[tuple], factor: int, rng: random.Random, max_side: int | None):
     """Float (1,3,h,w) views of an image, sizes on the latent grid.
 
@@ -394,10 +403,10 @@ def _train(
             cached = torch.load(cand, weights_only=False)
             ck = cached.get("key", {})
             if ck == key:
-                pool = cached["pool"]
+                pool = _pool_from_state(cached["pool"])
             elif teacher_decoder is not None and {**ck, "decoder": True} == key:
                 # Reuse another run's teacher latents (e.g. the encoder run's) and add decoded views.
-                pool = cached["pool"]
+                pool = _pool_from_state(cached["pool"])
                 t0 = time.time()
                 with torch.no_grad():
                     for i, v in enumerate(pool):
@@ -406,7 +415,7 @@ def _train(
                         v.decoded = (dec[0] * 255).round().to(torch.uint8).cpu()
                         if progress:
                             progress({"phase": "teacher", "step": i + 1, "total": len(pool), "elapsed": time.time() - t0})
-                _atomic_save({"key": key, "pool": pool}, own)
+                _atomic_save({"key": key, "pool": _pool_state(pool)}, own)
             if pool is not None:
                 log.info("teacher cache: %d views from %s", len(pool), cand)
                 break
@@ -415,7 +424,7 @@ def _train(
             t0 = time.time()
             pool = build_pool(images, teacher, views, device, teacher_bf16=bf16, teacher_decoder=teacher_decoder,
                               seed=seed, progress=progress, max_side=view_max_side)
-            _atomic_save({"key": key, "pool": pool}, own)
+            _atomic_save({"key": key, "pool": _pool_state(pool)}, own)
             log.info("teacher cache: %d views of %d images in %.0fs", len(pool), len(images), time.time() - t0)
 
         student = student.to(device)
