@@ -5,7 +5,8 @@ antialias), encode, decode, clamp to [0,1], resize back to the original size, co
 original. Metrics: PSNR (dB, RGB) and SSIM (11x11 Gaussian, sigma 1.5, mean over RGB) on full
 images (cropped to multiples of 8) and on center 256 px crops.
 
-usage: python benchmarks/eval_defaults.py --encoder W.safetensors --decoder W.safetensors [--dev DIR]
+usage: python benchmarks/eval_defaults.py --encoder [NAME=]W.safetensors --decoder [NAME=]W.safetensors [--dev DIR]
+Pixel sizes in the cost table are input sizes for encoders and output sizes for decoders.
 """
 from __future__ import annotations
 
@@ -84,59 +85,67 @@ def latency(m, shape, bf16, reps=3):
     return sorted(ts)[len(ts) // 2] * 1000
 
 
+def _named(items):
+    out = {}
+    for it in items or []:
+        name, _, path = it.rpartition("=")
+        out[name or Path(path).stem] = load_safetensors_model(path)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--encoder", required=True)
-    ap.add_argument("--decoder", required=True)
+    ap.add_argument("--encoder", action="append", help="[NAME=]PATH.safetensors (repeatable)")
+    ap.add_argument("--decoder", action="append", help="[NAME=]PATH.safetensors (repeatable)")
     ap.add_argument("--dev", default="/work/shared/data/dev")
     ap.add_argument("--teacher-encoder", default="/work/shared/weights/taef2_encoder.pth")
     ap.add_argument("--teacher-decoder", default="/work/shared/weights/taef2_decoder.pth")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 384, 512, 768])
     ap.add_argument("--no-cost", action="store_true")
+    ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    encs = {"taef2-enc": load_tae_teacher(a.teacher_encoder, "encoder"), "default-enc": load_safetensors_model(a.encoder)}
-    decs = {"taef2-dec": load_tae_teacher(a.teacher_decoder, "decoder"), "default-dec": load_safetensors_model(a.decoder)}
-    files = sorted(p for p in Path(a.dev).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
-    imgs = []
-    for p in files:
-        x = torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
-        H, W = x.shape[-2:]
-        full = x[..., : H // 8 * 8, : W // 8 * 8]
-        t, l = max(0, (H - 256) // 2), max(0, (W - 256) // 2)
-        imgs.append((full, x[..., t:t + 256, l:l + 256]))
+    encs = {"taef2-enc": load_tae_teacher(a.teacher_encoder, "encoder"), **_named(a.encoder)}
+    decs = {"taef2-dec": load_tae_teacher(a.teacher_decoder, "decoder"), **_named(a.decoder)}
     results = {}
-    print(f"{len(files)} dev images from {a.dev}")
-    print("| encoder | decoder | scale | PSNR full | SSIM full | PSNR c256 | SSIM c256 |")
-    print("|---|---|---|---|---|---|---|")
-    for en, e in encs.items():
-        for dn, d in decs.items():
-            for s in a.scales:
-                r = {"pf": [], "sf": [], "pc": [], "sc": []}
-                for full, crop in imgs:
-                    yf, yc = roundtrip(e, d, full, s), roundtrip(e, d, crop, s)
-                    r["pf"].append(psnr(yf, full)); r["sf"].append(ssim(yf, full))
-                    r["pc"].append(psnr(yc, crop)); r["sc"].append(ssim(yc, crop))
-                m = {k: float(np.mean(v)) for k, v in r.items()}
-                results[f"{en}|{dn}|{s}"] = m
-                print(f"| {en} | {dn} | {s} | {m['pf']:.2f} | {m['sf']:.4f} | {m['pc']:.2f} | {m['sc']:.4f} |", flush=True)
+    if not a.no_quality:
+        files = sorted(p for p in Path(a.dev).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+        imgs = []
+        for p in files:
+            x = torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+            H, W = x.shape[-2:]
+            full = x[..., : H // 8 * 8, : W // 8 * 8]
+            t, l = max(0, (H - 256) // 2), max(0, (W - 256) // 2)
+            imgs.append((full, x[..., t:t + 256, l:l + 256]))
+        print(f"{len(files)} dev images from {a.dev}, fp32, {a.threads} thread(s)")
+        print("| encoder | decoder | scale | PSNR full | SSIM full | PSNR c256 | SSIM c256 |")
+        print("|---|---|---|---|---|---|---|")
+        for en, e in encs.items():
+            for dn, d in decs.items():
+                for s in a.scales:
+                    r = {"pf": [], "sf": [], "pc": [], "sc": []}
+                    for full, crop in imgs:
+                        yf, yc = roundtrip(e, d, full, s), roundtrip(e, d, crop, s)
+                        r["pf"].append(psnr(yf, full)); r["sf"].append(ssim(yf, full))
+                        r["pc"].append(psnr(yc, crop)); r["sc"].append(ssim(yc, crop))
+                    m = {k: float(np.mean(v)) for k, v in r.items()}
+                    results[f"{en}|{dn}|{s}"] = m
+                    print(f"| {en} | {dn} | {s} | {m['pf']:.2f} | {m['sf']:.4f} | {m['pc']:.2f} | {m['sc']:.4f} |", flush=True)
     if not a.no_cost:
-        print("\n| model | params | GMAC @256 (in/out px) | GMAC @512 | fp32 ms @256 | bf16+CL ms @256 | fp32 ms @512 | bf16+CL ms @512 |")
-        print("|---|---|---|---|---|---|---|---|")
-        for name, m, kind in [("taef2-enc", encs["taef2-enc"], "enc"), ("default-enc", encs["default-enc"], "enc"),
-                              ("taef2-dec", decs["taef2-dec"], "dec"), ("default-dec", decs["default-dec"], "dec")]:
+        hdr = " | ".join(f"GMAC@{px}" for px in a.sizes) + " | " + " | ".join(
+            f"fp32 ms@{px} | bf16+CL ms@{px}" for px in a.sizes)
+        print(f"\n| model | params | {hdr} |")
+        print("|---|---|" + "---|" * (3 * len(a.sizes)))
+        models = [(n, m, "enc") for n, m in encs.items()] + [(n, m, "dec") for n, m in decs.items()]
+        for name, m, kind in models:
             row = [name, f"{sum(p.numel() for p in m.parameters()) / 1e6:.3f}M"]
-            cost = []
-            for px in (256, 512):
-                shape = (1, 3, px, px) if kind == "enc" else (1, 32, px // 8, px // 8)
-                cost.append(f"{count_macs(m, shape) / 1e9:.2f}")
-            lat = []
-            for px in (256, 512):
-                shape = (1, 3, px, px) if kind == "enc" else (1, 32, px // 8, px // 8)
-                lat += [f"{latency(m, shape, False):.1f}", f"{latency(m, shape, True):.1f}"]
-            row += cost + lat
+            shapes = [(1, 3, px, px) if kind == "enc" else (1, 32, px // 8, px // 8) for px in a.sizes]
+            row += [f"{count_macs(m, sh) / 1e9:.2f}" for sh in shapes]
+            for sh in shapes:
+                row += [f"{latency(m, sh, False):.1f}", f"{latency(m, sh, True):.1f}"]
             print("| " + " | ".join(row) + " |", flush=True)
             results[f"cost|{name}"] = row
     if a.json:

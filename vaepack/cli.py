@@ -150,6 +150,8 @@ def _tiles(tile_budget: Optional[int], tile_size: int, tile_overlap: int):
 ModelOpt = typer.Option("default", "--model", "-m", help="Model id or alias from weights_manifest.yaml.")
 DtypeOpt = typer.Option("fp32", "--dtype", help="fp32, bf16 (autocast + channels_last on CPU) or fp16.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+BackendOpt = typer.Option("torch", "--backend", help="torch, onnxruntime, openvino, tensorrt, or auto (the "
+                          "fastest installed CPU path; changes --dtype to its precision).")
 ForceOpt = typer.Option(False, "--force", help="Overwrite existing outputs.")
 KeepOpt = typer.Option(False, "--keep-going", help="Continue past bad inputs and print a summary.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout.")
@@ -177,7 +179,8 @@ def encode(
     filter: str = typer.Option("bilinear", "--filter", help="Resize filter: bilinear, bicubic, nearest, area."),
     fmt: str = typer.Option("vaepack", "--format", help="vaepack (.latent.safetensors) or comfyui (.latent)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images of equal size per forward pass."),
-    dtype: str = DtypeOpt, device: str = DeviceOpt, force: bool = ForceOpt, keep_going: bool = KeepOpt,
+    dtype: str = DtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
+    keep_going: bool = KeepOpt,
     tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
     max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt,
 ):
@@ -197,7 +200,7 @@ def encode(
     paths = expand_inputs(inputs)
     suffix = ".latent" if fmt == "comfyui" else ".latent.safetensors"
     outs = _output_paths(paths, output, suffix)
-    vae = load_vae(model, parts=("encoder",), device=device, dtype=dtype)
+    vae = load_vae(model, parts=("encoder",), device=device, dtype=dtype, backend=backend)
     # ComfyUI keeps FLUX.2 latents 2x2-packed: pad so that the latent size is even.
     pad_multiple = 2 * vae.factor if fmt == "comfyui" and vae.space.norm == "flux2_bn" else None
 
@@ -248,11 +251,11 @@ def _output_paths(paths: list[Path], output: Optional[Path], suffix: str) -> dic
 
 # --------------------------------------------------------------------------- decode
 def _decoder_vae(model: Optional[str], decoder: Optional[str], rec_model: str, device: str, dtype: str,
-                 steps: Optional[int], seed: Optional[int]):
+                 steps: Optional[int], seed: Optional[int], backend: str = "torch"):
     from vaepack.vae import load_vae
 
     name = decoder or model or rec_model
-    vae = load_vae(name, parts=("decoder",), device=device, dtype=dtype)
+    vae = load_vae(name, parts=("decoder",), device=device, dtype=dtype, backend=backend)
     mod = vae.parts["decoder"].module
     if steps is not None or seed is not None:
         if not hasattr(mod, "steps"):
@@ -277,7 +280,8 @@ def decode(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (diffusion decoders)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed (diffusion decoders)."),
     native: bool = typer.Option(False, "--native", help="Keep the decoded resolution (no crop/downsample)."),
-    dtype: str = DtypeOpt, device: str = DeviceOpt, force: bool = ForceOpt, keep_going: bool = KeepOpt,
+    dtype: str = DtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
+    keep_going: bool = KeepOpt,
     tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
     as_json: bool = JsonOpt,
     mismatch_ok: bool = typer.Option(False, "--force-space", help="Decode a latent from another latent "
@@ -299,7 +303,7 @@ def decode(
         rec = load_latent(p, default_model=model or decoder)
         key = decoder or model or rec.model
         if key not in cache:
-            cache[key] = _decoder_vae(model, decoder, rec.model, device, dtype, steps, seed)
+            cache[key] = _decoder_vae(model, decoder, rec.model, device, dtype, steps, seed, backend)
         y = decode_record(cache[key], rec, native=native, tiles=tiles, force=mismatch_ok, path=str(p))
         save_image(outs[p], y, force=force)
         if not as_json:
@@ -323,7 +327,8 @@ def roundtrip(
     compare: Optional[Path] = typer.Option(None, "--compare", help="Write a side-by-side image (original | "
                                            "reconstruction); a directory when there are several inputs."),
     save: Optional[Path] = typer.Option(None, "--save", help="Write reconstructions (file or directory)."),
-    dtype: str = DtypeOpt, device: str = DeviceOpt, force: bool = ForceOpt, keep_going: bool = KeepOpt,
+    dtype: str = DtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
+    keep_going: bool = KeepOpt,
     tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
     max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt,
 ):
@@ -339,8 +344,8 @@ def roundtrip(
     paths = expand_inputs(inputs)
     cmp_outs = _output_paths(paths, compare, ".compare.png") if compare else {}
     rec_outs = _output_paths(paths, save, ".recon.png") if save else {}
-    enc = load_vae(model, parts=("encoder",), device=device, dtype=dtype)
-    dec = _decoder_vae(None, decoder or model, model, device, dtype, steps, seed)
+    enc = load_vae(model, parts=("encoder",), device=device, dtype=dtype, backend=backend)
+    dec = _decoder_vae(None, decoder or model, model, device, dtype, steps, seed, backend)
     load = _loader(max_pixels)
 
     def one(p: Path):
@@ -564,6 +569,44 @@ def _nan_to_none(o):
     if isinstance(o, list):
         return [_nan_to_none(v) for v in o]
     return o
+
+
+# --------------------------------------------------------------------------- export
+@app.command()
+def export(
+    model: str = typer.Argument("default", help="Model id or alias."),
+    part: str = typer.Option("decoder", "--part", help="encoder, decoder or eps-step (diffusion decoders)."),
+    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Write the ONNX graph (always, for --trt)."),
+    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (needs tensorrt + CUDA)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: vaepack's)."),
+    profile: str = typer.Option("hires-1024", "--profile", help="TensorRT profile name (export/profiles) or file."),
+    raw: bool = typer.Option(False, "--raw", help="Leave the latent convention out of the graph (recorded in "
+                             "the sidecar; runtimes apply it)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Real image for the parity check."),
+    out_dir: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default export/artifacts)."),
+    as_json: bool = JsonOpt,
+):
+    """Export a model part to ONNX (+ sidecar JSON with convention, hashes, parity) and TensorRT."""
+    from vaepack import export as X
+
+    kw = {"opset": opset} if opset else {}
+    if trt:
+        res, engine = X.export_trt(model, part, profile=profile, precision=precision, out_dir=out_dir,
+                                   include_convention=not raw, **kw)
+    else:
+        if not onnx:
+            raise UsageError("nothing to do: give --onnx or --trt")
+        res = X.export_onnx(model, part, out_dir=out_dir, precision=precision, include_convention=not raw,
+                            image=image, **kw)
+        engine = None
+    if as_json:
+        _emit_json({"onnx": str(res.onnx_path), "sidecar": str(res.sidecar_path), "engine": engine and str(engine),
+                    "parity": res.parity})
+        return
+    for line in X.parity_summary(res.parity):
+        _note(line)
+    _note(f"wrote {res.onnx_path} and {res.sidecar_path.name}" + (f"; engine {engine}" if engine else ""))
 
 
 # --------------------------------------------------------------------------- bench

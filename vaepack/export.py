@@ -361,8 +361,15 @@ def _dynamic_axes(inputs: list[dict], outputs: list[dict]) -> dict[str, dict[int
 def size_multiple(entry: ModelEntry, part: str) -> int:
     """Pixel sizes must be multiples of this: the latent factor, twice that where FLUX.2's 2x2
     packing runs (in the graph, or outside it by the runner)."""
+    from vaepack.loader import family_attr
+
     f = entry.space.factor
-    return 2 * f if entry.space.norm == "flux2_bn" and part != "eps-step" else f
+    if entry.space.norm != "flux2_bn" or part == "eps-step":
+        return f
+    # Only networks whose raw latent still needs the convention (the KL family) pack 2x2; TAE and
+    # student networks already output the normalized unpacked latent.
+    spec = entry.part(_model_part(part))
+    return f if family_attr(spec, "NATIVE_IS_DIFFUSION", True) else 2 * f
 
 
 def space_from_sidecar(sc: dict) -> Space:

@@ -49,6 +49,10 @@ class Part:
     # (head, tail) for tiled runs: the encoder tiles its head, the decoder its tail; the other half
     # runs on the whole (low-resolution) tensor so GroupNorm statistics stay global and exact.
     split: tuple[nn.Module, nn.Module] | None = None
+    # A non-torch runtime (vaepack.runtime Runner) with the same contract as encode/decode; when
+    # set it replaces the torch module (which stays loaded for metadata and export).
+    runner: Callable[[torch.Tensor], torch.Tensor] | None = None
+    backend: str = "torch"
 
 
 @dataclass
@@ -84,6 +88,8 @@ class VAE:
     def encode(self, x01: torch.Tensor, tiler: Tiler | None = None) -> torch.Tensor:
         """[0, 1] images -> diffusion-space latents. ``tiler(fn, x)`` runs ``fn`` tile by tile."""
         p = self.parts["encoder"]
+        if p.runner is not None:
+            return p.runner(x01) if tiler is None else tiler(p.runner, x01)
         x = L.to_model_range(x01.to(self.device, torch.float32), p.image_range)
         if self.device.type == "cpu" and self.dtype != "fp32":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -102,6 +108,8 @@ class VAE:
     def decode(self, z: torch.Tensor, tiler: Tiler | None = None) -> torch.Tensor:
         """Diffusion-space latents -> [0, 1] images (clamped)."""
         p = self.parts["decoder"]
+        if p.runner is not None:
+            return (p.runner(z) if tiler is None else tiler(p.runner, z)).clamp(0, 1)
         z = z.to(self.device, torch.float32)
         if not p.native_is_diffusion:
             z = L.diffusion_to_mean(z, self.space, self._bn_stats(p.module))
@@ -117,10 +125,16 @@ class VAE:
 
 
 def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str | None = None,
-             dtype: str = "fp32") -> VAE:
+             dtype: str = "fp32", backend: str = "torch") -> VAE:
+    """Load parts of a manifest model. ``backend``: torch, onnxruntime, openvino, tensorrt, or auto
+    (the fastest CPU path that is installed, see vaepack.runtime.best_cpu_choice; torch on CUDA)."""
     entry = get_model(model) if isinstance(model, str) else model
-    check_dtype(entry, dtype)
     dev = pick_device(device)
+    if backend == "auto":
+        from vaepack.runtime import best_cpu_choice
+
+        backend, dtype = ("torch", dtype) if dev.type == "cuda" else best_cpu_choice()
+    check_dtype(entry, dtype)
     vae = VAE(entry=entry, device=dev, dtype=dtype)
     for part in parts:
         module, _, digest = load_part(entry, part)
@@ -137,6 +151,12 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
         vae.parts[part] = Part(module=module, image_range=family_attr(spec, "IMAGE_RANGE", "0,1"),
                                native_is_diffusion=family_attr(spec, "NATIVE_IS_DIFFUSION", True),
                                sha256=digest, split=split)
+    if backend != "torch":
+        from vaepack.runtime import get_backend
+
+        for part in parts:
+            vae.parts[part].runner = get_backend(backend, entry.id, part, dtype, device=str(dev))
+            vae.parts[part].backend = backend
     return vae
 
 
