@@ -105,6 +105,8 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 384, 512, 768])
     ap.add_argument("--no-cost", action="store_true")
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--crops-only", action="store_true", help="skip full images (center 256 crops only)")
+    ap.add_argument("--no-teacher-pairs", action="store_true", help="only pairs with a non-TAEF2 encoder")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -127,11 +129,15 @@ def main():
             for dn, d in decs.items():
                 for s in a.scales:
                     r = {"pf": [], "sf": [], "pc": [], "sc": []}
+                    if a.no_teacher_pairs and en == "taef2-enc":
+                        continue
                     for full, crop in imgs:
-                        yf, yc = roundtrip(e, d, full, s), roundtrip(e, d, crop, s)
-                        r["pf"].append(psnr(yf, full)); r["sf"].append(ssim(yf, full))
+                        if not a.crops_only:
+                            yf = roundtrip(e, d, full, s)
+                            r["pf"].append(psnr(yf, full)); r["sf"].append(ssim(yf, full))
+                        yc = roundtrip(e, d, crop, s)
                         r["pc"].append(psnr(yc, crop)); r["sc"].append(ssim(yc, crop))
-                    m = {k: float(np.mean(v)) for k, v in r.items()}
+                    m = {k: float(np.mean(v)) if v else float("nan") for k, v in r.items()}
                     results[f"{en}|{dn}|{s}"] = m
                     print(f"| {en} | {dn} | {s} | {m['pf']:.2f} | {m['sf']:.4f} | {m['pc']:.2f} | {m['sc']:.4f} |", flush=True)
     if not a.no_cost:

@@ -513,6 +513,95 @@ def weights_path(model: str = typer.Argument(...), part: Optional[str] = typer.O
         raise typer.Exit(1)
 
 
+# --------------------------------------------------------------------------- training
+def _train_progress(label: str):
+    """A rich progress line (loss, steps/s) for the training loops; returns (context, callback)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = _stderr()
+    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), console=err, disable=not err.is_terminal)
+    task = prog.add_task(label, total=None, info="")
+
+    def cb(d: dict):
+        if d.get("phase") == "teacher":
+            prog.update(task, completed=d["step"], total=d["total"], info="caching teacher outputs")
+        else:
+            prog.update(task, completed=d["step"], total=d.get("total"),
+                        info=f"loss {d.get('loss', float('nan')):.4f}  {d.get('steps_per_s', 0):.2f} steps/s")
+    return prog, cb
+
+
+def _check_resume(out: Path, resume: bool) -> None:
+    if (out / "checkpoint.pt").exists() and not resume:
+        raise UsageError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+
+
+@app.command()
+def distill(
+    teacher: str = typer.Option("taef2", "--teacher", help="Teacher model id (any encoder in the zoo)."),
+    data: Path = typer.Option(..., "--data", help="Folder of training images (never the evaluation set)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, teacher cache, log, exported weights."),
+    part: str = typer.Option("encoder", "--part", help="encoder (paper 000 student) or decoder (small TAE "
+                             "decoder distilled from the teacher's decoder + a pixel loss)."),
+    width: int = typer.Option(32, "--width", help="Student width (channels after the stem)."),
+    config: str = typer.Option("{}", "--config", help="JSON: more StudentConfig / TAEConfig fields."),
+    schedule: str = typer.Option("128:10000,256:10000", "--schedule", help="CROP:STEPS stages (paper: 128 then 256)."),
+    batch: int = typer.Option(64, "--batch"),
+    lr: float = typer.Option(7.5e-4, "--lr", help="Adam learning rate (paper: 7.5e-4)."),
+    pixel_weight: float = typer.Option(1.0, "--pixel-weight", help="Decoder: weight of the L1 loss to the image."),
+    init_from_teacher: bool = typer.Option(True, "--init-from-teacher/--random-init",
+                                           help="Decoder: warm start from the teacher decoder's strongest channels."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop cleanly after N minutes."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Total wall-clock budget over "
+                                                    "all resumed sessions; LR decay and stages follow it."),
+    ckpt_every: int = typer.Option(200, "--ckpt-every"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOpt,
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="CPU: bf16 autocast + channels_last."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Reuse another run's teacher_cache.pt."),
+):
+    """Distill a compact encoder (Chu et al. 2026: Huber beta 0.15, Adam 7.5e-4, 128 then 256 px) or decoder."""
+    import shlex
+
+    from vaepack import distill as D
+    from vaepack.vae import TeacherDecoder, TeacherEncoder, load_vae
+
+    if part not in ("encoder", "decoder"):
+        raise UsageError(f"--part must be encoder or decoder, got '{part}'")
+    sched = D._parse_schedule(schedule)
+    try:
+        extra = json.loads(config)
+        assert isinstance(extra, dict)
+    except (ValueError, AssertionError):
+        raise UsageError(f"--config must be a JSON object, got {config!r}") from None
+    D.list_images(data)  # bad --data fails before any model loads
+    _check_resume(out, resume)
+    tvae = load_vae(teacher, parts=("encoder", "decoder") if part == "decoder" else ("encoder",), device=device)
+    if part == "decoder" and init_from_teacher and tvae.entry.part("decoder").family != "tae":
+        raise UsageError(f"--init-from-teacher needs a TAE-family teacher decoder; '{tvae.entry.id}' is "
+                         f"'{tvae.entry.part('decoder').family}' (use --random-init)")
+    tenc = TeacherEncoder(tvae, sample=True, seed=seed)
+    cmd = "vaepack " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    common = dict(schedule=sched, batch=batch, lr=lr, max_minutes=max_minutes, ckpt_every=ckpt_every, seed=seed,
+                  device=device, bf16=bf16, threads=threads, teacher_id=tvae.entry.id, command=cmd,
+                  budget_minutes=budget_minutes, cache=cache)
+    prog, cb = _train_progress(f"distill {part}")
+    with prog:
+        if part == "encoder":
+            path = D.run_distill(tenc, data, out, width=width, student_config=extra, progress=cb, **common)
+        else:
+            path = D.run_distill_decoder(tenc, TeacherDecoder(tvae), data, out, width=width, decoder_config=extra,
+                                         pixel_weight=pixel_weight, init_from_teacher=init_from_teacher,
+                                         progress=cb, **common)
+    if path.name == "checkpoint.pt":
+        _note(f"stopped before the schedule ended; checkpoint {path} (rerun with --resume to continue)")
+    else:
+        _note(f"done: {path}")
+
+
 # --------------------------------------------------------------------------- paper measurements
 @app.command()
 def sweep(
@@ -691,11 +780,19 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _LevelFormatter(logging.Formatter):
+    """Warnings say so; informational lines (training progress logs) are printed as they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return f"{record.levelname.lower()}: {msg}" if record.levelno >= logging.WARNING else msg
+
+
 def _setup_logging() -> None:
     log = logging.getLogger("vaepack")
     if not log.handlers:
         h = _StderrHandler()
-        h.setFormatter(logging.Formatter("warning: %(message)s"))
+        h.setFormatter(_LevelFormatter())
         log.addHandler(h)
         log.setLevel(logging.WARNING)
         log.propagate = False

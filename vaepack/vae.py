@@ -187,3 +187,22 @@ class TeacherEncoder(nn.Module):
         eps = torch.randn(mean.shape, generator=self.generator).to(mean.device)
         m = mean + torch.exp(0.5 * logvar) * eps
         return L.mean_to_diffusion(m, self.vae.space, self.vae._bn_stats(p.module))
+
+
+class TeacherDecoder(nn.Module):
+    """A VAE's decoder under the contract, as a module: diffusion-space latents -> [0, 1] images.
+
+    ``state_dict()`` is the wrapped network's own (the decoder distillation warm-starts a smaller
+    TAE decoder from it)."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+        self.module = vae.parts["decoder"].module
+
+    @torch.no_grad()
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
