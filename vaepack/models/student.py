@@ -138,9 +138,14 @@ def build(part: str, cfg: StudentConfig) -> nn.Module:
 def convert_state_dict(part: str, sd: dict[str, torch.Tensor], cfg: StudentConfig) -> dict[str, torch.Tensor]:
     """vaepack writes this family's weights itself, in its own layout: nothing to convert.
 
-    BatchNorm's ``num_batches_tracked`` counters are training bookkeeping; drop them if present.
+    BatchNorm's ``num_batches_tracked`` counters are training bookkeeping that exports may omit;
+    an unfused BatchNorm student gets them back as zeros so strict loading still checks the rest.
     """
-    return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    out = dict(sd)
+    if cfg.norm == "batch" and not cfg.fused:
+        for k in [k for k in sd if k.endswith(".running_mean")]:
+            out.setdefault(k[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    return out
 
 
 @torch.no_grad()
