@@ -107,6 +107,7 @@ def main():
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--crops-only", action="store_true", help="skip full images (center 256 crops only)")
     ap.add_argument("--no-teacher-pairs", action="store_true", help="only pairs with a non-TAEF2 encoder")
+    ap.add_argument("--pairs", nargs="+", default=None, help="only these ENC:DEC name pairs")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -130,6 +131,8 @@ def main():
                 for s in a.scales:
                     r = {"pf": [], "sf": [], "pc": [], "sc": []}
                     if a.no_teacher_pairs and en == "taef2-enc":
+                        continue
+                    if a.pairs and f"{en}:{dn}" not in a.pairs:
                         continue
                     for full, crop in imgs:
                         if not a.crops_only:

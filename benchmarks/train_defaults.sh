@@ -22,7 +22,16 @@ case "${1:-}" in
       --width 32 --init-from-teacher --schedule 128:40000,256:6000 --batch 8 --pixel-weight 1.0 \
       --budget-minutes ${DEC_BUDGET:-90} --threads "$THREADS" --ckpt-every 100 ${EXTRA:-} ;;
   export)
-    $PY -m vaepack.distill export --run-dir "$RUNS/enc-s32" --data "$DATA" --out "$OUT/vaepack-f2-enc-s32.safetensors"
-    $PY -m vaepack.distill export --run-dir "$RUNS/dec-w32" --data "$DATA" --out "$OUT/vaepack-f2-dec-w32.safetensors" ;;
+    # A finished run has already written its export (with the training command in its metadata);
+    # an unfinished one is exported from its checkpoint (EMA weights, BatchNorm folded, fp16).
+    for pair in "enc-s32:vaepack-enc-s32:vaepack-f2-enc-s32" "dec-w32:vaepack-dec-w32:vaepack-f2-dec-w32"; do
+      IFS=: read -r run done_name out_name <<< "$pair"
+      if [ -f "$RUNS/$run/$done_name.safetensors" ]; then
+        cp "$RUNS/$run/$done_name.safetensors" "$OUT/$out_name.safetensors"
+      else
+        $PY -m vaepack.distill export --run-dir "$RUNS/$run" --data "$DATA" --out "$OUT/$out_name.safetensors"
+      fi
+      sha256sum "$OUT/$out_name.safetensors"; stat -c '%s bytes' "$OUT/$out_name.safetensors"
+    done ;;
   *) echo "usage: $0 encoder|decoder|export" >&2; exit 2 ;;
 esac

@@ -237,6 +237,11 @@ def test_tiny_training_lowers_loss_and_round_trips(tmp_path, monkeypatch):
         y = m(z[:1])
     assert y.shape == (1, 3, 32, 32) and torch.isfinite(y).all()
 
+    # the dev-set evaluation helper: NFE results equal EpsDecoder.forward on the same latents
+    ev = T.eval_nfe(r1["export"]["path"], "taef2", data, nfes=(1, 2), crop=32)
+    assert ev["images"] == 3 and set(ev) == {"base", "1", "2", "images"}
+    assert all(math.isfinite(ev[k]["psnr"]) for k in ("base", "1", "2"))
+
     # max_minutes=0 stops at once and still leaves a resumable checkpoint
     r2 = T.run_train_eps("taef2", data, run, steps=100, max_minutes=0, export=False, **kw)
     assert r2["step"] == 40 and (run / T.CKPT_NAME).is_file()

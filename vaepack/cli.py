@@ -602,6 +602,44 @@ def distill(
         _note(f"done: {path}")
 
 
+@app.command("train-eps")
+def train_eps(
+    encoder: str = typer.Option("taef2", "--encoder", help="Frozen encoder whose latents the decoder learns."),
+    data: Path = typer.Option(..., "--data", help="Folder of training images."),
+    out: Path = typer.Option(..., "--out", help="Run folder (checkpoint, log, exported EMA weights)."),
+    steps: int = typer.Option(2000, "--steps"),
+    batch: int = typer.Option(8, "--batch"),
+    crop: int = typer.Option(128, "--crop"),
+    lr: float = typer.Option(5e-4, "--lr"),
+    ema: float = typer.Option(0.999, "--ema", help="EMA decay of the exported weights."),
+    w_vel: float = typer.Option(1.0, "--w-vel", help="Velocity MSE weight."),
+    w_perc: float = typer.Option(0.5, "--w-perc", help="Perceptual weight (LPIPS, or MS-SSIM + L1 without "
+                                 "LPIPS weights; paper 0.5)."),
+    w_adv: float = typer.Option(0.5, "--w-adv", help="Adversarial trajectory matching weight (paper 0.5)."),
+    perceptual: str = typer.Option("auto", "--perceptual", help="auto, lpips or msssim_l1."),
+    t_grid_frac: float = typer.Option(0.5, "--t-grid-frac", help="Share of t drawn on the sampler's grid "
+                                      "(0 = the paper's logit-normal only)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOpt,
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Latent/reconstruction cache file to reuse."),
+):
+    """Train the eps-VAE diffusion decoder (Zhao et al.): rectified flow, gamma-scaled x_t, few-step Euler."""
+    import shlex
+
+    from vaepack.train_eps import run_train_eps
+
+    _check_resume(out, resume)
+    cmd = "vaepack " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # run_train_eps reports progress as log lines (step, losses, steps/s): print them as they come.
+    res = run_train_eps(encoder, data, out, steps=steps, batch=batch, crop=crop, lr=lr, ema=ema, resume=resume,
+                        max_minutes=max_minutes, seed=seed, device=None if device == "auto" else device,
+                        progress=_note, w_vel=w_vel, w_perc=w_perc, w_adv=w_adv, perceptual=perceptual,
+                        t_grid_frac=t_grid_frac, cache_path=cache, command=cmd)
+    _note(json.dumps(res, default=str))
+
+
 # --------------------------------------------------------------------------- paper measurements
 @app.command()
 def sweep(

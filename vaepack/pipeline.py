@@ -95,6 +95,10 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
         for j, x0 in enumerate(xs):
             th, tw = min(tile, gh), min(tile, gw)
             t = x[..., y0 * unit_in:(y0 + th) * unit_in, x0 * unit_in:(x0 + tw) * unit_in]
+            if hasattr(fn, "noise_origin"):
+                # Diffusion decoders draw noise as a function of the absolute pixel position, so
+                # overlapping tiles see the same noise where they overlap (vaepack/models/eps_unet.py).
+                fn.noise_origin = (y0 * unit_out, x0 * unit_out)
             y = fn(t)
             if out is None:
                 out = torch.zeros(n, y.shape[1], gh * unit_out, gw * unit_out, device=y.device)
@@ -106,6 +110,8 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
             sl = (..., slice(y0 * unit_out, (y0 + th) * unit_out), slice(x0 * unit_out, (x0 + tw) * unit_out))
             out[sl] += y * m
             wsum[sl] += m
+    if hasattr(fn, "noise_origin"):
+        fn.noise_origin = (0, 0)
     return out / wsum
 
 

@@ -359,15 +359,15 @@ def load_eps_decoder(path: Path) -> EpsDecoder:
 
 # ============================================================================= training
 def run_train_eps(encoder_id: str, data_dir: Path, out_dir: Path, *, steps: int = 2000, batch: int = 8,
-                  crop: int = 128, lr: float = 2e-4, ema: float = 0.999, resume: bool = True,
-                  max_minutes: float | None = None, seed: int = 0, device: str | None = "cpu",
+                  crop: int = 128, lr: float = 5e-4, ema: float = 0.999, resume: bool = True,
+                  max_minutes: float | None = None, seed: int = 0, device: str | None = None,
                   progress: Progress | None = None, config: EpsConfig | dict | None = None,
                   w_vel: float = 1.0, w_perc: float = 0.5, w_adv: float = 0.5, r1: float = 1.0,
                   r1_every: int = 4, adv_start: int = 0, perceptual: str = "auto",
                   warmup: int = 100, betas: tuple[float, float] = (0.9, 0.999), disc_lr: float | None = None,
                   log_every: int = 10, save_every_minutes: float = 5.0, export: bool = True,
                   export_dtype: str = "fp16", cache_path: Path | None = None, bf16: bool = True,
-                  t_grid_frac: float = 0.0, t_grid_steps: tuple[int, ...] = (1, 2, 3, 5, 10),
+                  t_grid_frac: float = 0.5, t_grid_steps: tuple[int, ...] = (1, 2, 3, 5, 10),
                   command: str | None = None) -> dict:
     """Train (or resume) an eps decoder; returns a summary dict (paths, step, last losses, export).
 
@@ -375,7 +375,8 @@ def run_train_eps(encoder_id: str, data_dir: Path, out_dir: Path, *, steps: int 
     actually visits for NFE in ``t_grid_steps`` (the Eq. 13 grid, all >= 0.64 for NFE <= 10; t = 1
     for NFE = 1) instead of the logit-normal, which puts only ~0.2% of its mass above t = 0.95. A
     vaepack addition for short CPU runs (measured: after 150 steps on logit-normal only, NFE = 1 was
-    0.2 dB *below* the untrained start); 0 is the paper's setting.
+    0.2 dB *below* the untrained start, with 0.5 it was 0.1 dB above); 0 is the paper's setting.
+    ``device=None`` picks CUDA when available, else the CPU.
     """
     from vaepack.vae import pick_device
 
@@ -621,8 +622,17 @@ def eval_nfe(weights: Path, encoder_id: str, data_dir: Path, nfes=(1, 2, 3, 5, 1
         res["base"]["ssim"].append(metrics.ssim(yb, x))
         cond = dec.condition(z, base=yb * 2 - 1 if dec.base is not None else None)
         noise = _noise(dec, z)
+        memo: dict = {}
+
+        def model_fn(x_t, t, c):  # every NFE starts with the same evaluation at (noise, t = 1)
+            if float(t[0]) != 1.0:
+                return dec.step_cond(x_t, t, c)
+            if "v1" not in memo:
+                memo["v1"] = dec.step_cond(x_t, t, c)
+            return memo["v1"]
+
         for n in nfes:
-            xs = sample(dec.step_cond, cond, n, noise=noise, schedule=dec.schedule)
+            xs = sample(model_fn, cond, n, noise=noise, schedule=dec.schedule)
             y = ((dec.finish(xs, cond) + 1) / 2).clamp(0, 1)
             res[n]["psnr"].append(metrics.psnr(y, x))
             res[n]["ssim"].append(metrics.ssim(y, x))
