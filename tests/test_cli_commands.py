@@ -67,3 +67,27 @@ def test_bench_cli_json(run_cli, tmp_path, shared_weights, one_thread):
     validate(res)
     (row,) = res["rows"]
     assert row["status"] == "ok" and row["latency_ms_median"] > 0 and row["params"] > 1_000_000
+
+
+def test_decode_with_eps_decoder_is_seeded_and_restores_size(run_cli, photo_crop, tmp_path, one_thread):
+    import numpy as np
+    from PIL import Image
+
+    lat = tmp_path / "c.latent.safetensors"
+    assert run_cli("encode", photo_crop, "-m", "taef2", "--scale", "1.5", "-o", lat)[0] == 0
+    outs = []
+    for i in range(2):
+        o = tmp_path / f"r{i}.png"
+        code, _, err = run_cli("decode", lat, "--decoder", "eps", "--steps", "2", "--seed", "7", "-o", o)
+        assert code == 0, err
+        outs.append(np.asarray(Image.open(o)))
+    assert outs[0].shape == (56, 72, 3)
+    assert np.array_equal(outs[0], outs[1])  # --seed: bit-identical on the same machine
+
+
+def test_steps_on_a_deterministic_decoder_is_a_usage_error(run_cli, photo_crop, tmp_path, clean_error):
+    lat = tmp_path / "c.latent.safetensors"
+    assert run_cli("encode", photo_crop, "-m", "taef2", "-o", lat)[0] == 0
+    code, _, err = run_cli("decode", lat, "--steps", "3", "-o", tmp_path / "r.png")
+    assert code == 2
+    clean_error(err, "deterministic")
