@@ -33,7 +33,10 @@ def _stderr():
 def _stdout():
     from rich.console import Console
 
-    return Console(highlight=False)
+    c = Console(highlight=False)
+    if not c.is_terminal:  # piped/logged: don't squeeze tables into 80 columns
+        c = Console(highlight=False, width=160)
+    return c
 
 
 def _note(msg: str) -> None:
