@@ -93,15 +93,11 @@ def list_images(data_dir: str | os.PathLike) -> list[Path]:
 
 
 def load_rgb(path: Path) -> torch.Tensor:
-    """uint8 (3, H, W). Raises ImageError naming the file if it cannot be decoded."""
-    from PIL import Image
+    """uint8 (3, H, W) under vaepack's one image policy (vaepack.io.load_image: EXIF orientation,
+    transparency on white, 16-bit, size guard), so training sees images as `encode` does."""
+    from vaepack.io import load_image
 
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise ImageError(f"cannot read image ({type(e).__name__})", path=str(path), hint="delete or replace it") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return load_image(path).mul(255).round().to(torch.uint8)
 
 
 def load_images(data_dir, min_side: int = 16) -> list[tuple[Path, torch.Tensor]]:
