@@ -660,7 +660,7 @@ def sweep(
 
     models = [model] + ([teacher] if teacher else [])
     res = A.sweep(inputs, models, _csv(scales, float), decoder=decoder, device=device, dtype=dtype, filter=filter,
-                  progress=None if as_json else _note)
+                  progress=_note)  # stderr, so --json on stdout stays clean
     if plot_out:
         A.plot_sweep(res, plot_out)
     if as_json:
@@ -682,7 +682,7 @@ def latent_stats(
     from vaepack import analysis as A
 
     res = A.latent_stats(inputs, model, teacher, _csv(sizes, int), device=device, dtype=dtype,
-                         progress=None if as_json else _note)
+                         progress=_note)  # stderr, so --json on stdout stays clean
     if plot_out:
         A.plot_stats(res, plot_out)
     if as_json:
