@@ -42,7 +42,7 @@ from torch import nn
 
 from .errors import ImageError, UsageError, VaepackError
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+from vaepack.io import IMAGE_SUFFIXES as IMAGE_EXTS  # one list of readable image suffixes
 DEFAULT_SCHEDULE: tuple[tuple[int, int], ...] = ((128, 10000), (256, 10000))
 HUBER_BETA = 0.15  # paper 000, eq. (1)
 LR = 7.5e-4  # paper 000, IV-B
