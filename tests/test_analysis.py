@@ -48,6 +48,19 @@ def test_sweep_fields_and_scale_effect(run_cli, two_crops, one_thread):
     assert res["rows"][1]["psnr"] > res["rows"][0]["psnr"] - 0.5
 
 
+def test_sweep_crop_measures_the_center_window(run_cli, two_crops, one_thread):
+    from vaepack.analysis import sweep
+
+    full = sweep([str(p) for p in two_crops], ["taef2"], [1.0])
+    code, out, err = run_cli("sweep", *two_crops, "--model", "taef2", "--scales", "1", "--crop", "48", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["crop"] == 48 and full["crop"] is None and res["rows"][0]["images"] == 2
+    assert res["rows"][0]["psnr"] != pytest.approx(full["rows"][0]["psnr"], abs=1e-6)  # a different window was measured
+    code, _, err = run_cli("sweep", *two_crops, "--model", "taef2", "--crop", "8")
+    assert code == 2 and "--crop" in err
+
+
 def test_latent_stats_fields(run_cli, two_crops, one_thread, tmp_path):
     plot = tmp_path / "stats.png"
     code, out, err = run_cli("latent-stats", *two_crops, "--model", "taef2", "--teacher", "taef2",

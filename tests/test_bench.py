@@ -189,9 +189,16 @@ def test_suites_load():
     for n in names:
         s = B.load_suite(n)
         assert s["kind"] in ("bench", "rd") and isinstance(s["params"], dict)
-    assert B.load_suite("eps-nfe")["pending"]
+    assert not any(B.load_suite(n)["pending"] for n in names)  # every shipped suite is runnable
+    assert B.load_suite("eps-nfe")["params"]["decoder"] in ("taef2-eps", "eps")
+
+
+def test_pending_suite_refused(tmp_path):
+    p = tmp_path / "later.yaml"
+    p.write_text("name: later\ndescription: x\nkind: bench\npending: weights not published\nparams: {models: [taef2]}\n")
+    assert B.load_suite(str(p))["pending"] == "weights not published"
     with pytest.raises(UsageError, match="pending"):
-        B.run_suite("eps-nfe")
+        B.run_suite(str(p))
     with pytest.raises(UsageError, match="unknown benchmark suite"):
         B.load_suite("nope")
 

@@ -1,4 +1,4 @@
-"""CLI wiring of export, --backend and bench (the libraries have their own tests)."""
+"""CLI wiring of export, --backend, bench and distill(-export) (the libraries have their own tests)."""
 
 from __future__ import annotations
 
@@ -91,3 +91,90 @@ def test_steps_on_a_deterministic_decoder_is_a_usage_error(run_cli, photo_crop, 
     code, _, err = run_cli("decode", lat, "--steps", "3", "-o", tmp_path / "r.png")
     assert code == 2
     clean_error(err, "deterministic")
+
+
+# --------------------------------------------------------------------------- distill / distill-export
+@pytest.fixture
+def tiny_run(tmp_path):
+    """An unfinished tiny encoder run (random teacher, generated images): stopped after one step."""
+    from test_distill import _images, _run
+
+    data = _images(tmp_path / "data", n=2)
+    ck = _run(data, tmp_path / "run", max_minutes=0)
+    assert ck.name == "checkpoint.pt"
+    return tmp_path / "run", data
+
+
+def test_distill_export_writes_a_loadable_student_with_provenance(run_cli, tiny_run, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from vaepack.models import student
+
+    run_dir, data = tiny_run
+    out = tmp_path / "exp" / "enc.safetensors"
+    code, stdout, err = run_cli("distill-export", run_dir, "-o", out, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["output"] == str(out) and res["step"] == 1 and res["finished"] is False and res["weights"] == "ema"
+    with safe_open(str(out), "pt") as f:
+        md = f.metadata()
+    # Provenance comes from the checkpoint (the run's teacher id and data folder), not from options.
+    assert md["teacher"] == "test-teacher" and md["data_dir"] == str(data) and md["steps"] == "1"
+    assert md["vaepack_part"] == "encoder" and md["command"]  # the command line (sys.argv, as `distill` records)
+    cfg = student.StudentConfig(**json.loads(md["config"]))
+    assert cfg.fused  # BatchNorm folded, like a finished run's export
+    m = student.build("encoder", cfg)
+    m.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()})
+    assert m(torch.rand(1, 3, 32, 40)).shape == (1, 4, 4, 5)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["enc.safetensors"]  # no temp file left
+
+    raw = tmp_path / "raw.safetensors"
+    code, _, err = run_cli("distill-export", run_dir, "-o", raw, "--raw", "--teacher", "other-teacher")
+    assert code == 0, err
+    assert "other-teacher ignored" in err  # a recorded teacher is never overwritten by an option
+    with safe_open(str(raw), "pt") as f:
+        assert f.metadata()["teacher"] == "test-teacher"
+    a, b = load_file(str(out)), load_file(str(raw))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # EMA != raw weights
+
+
+def test_distill_export_refuses_to_overwrite_without_force(run_cli, tiny_run, tmp_path, clean_error):
+    run_dir, _ = tiny_run
+    out = tmp_path / "enc.safetensors"
+    out.write_bytes(b"old")
+    code, _, err = run_cli("distill-export", run_dir, "-o", out)
+    assert code != 0
+    clean_error(err, str(out), "--force")
+    assert out.read_bytes() == b"old"
+    code, _, err = run_cli("distill-export", run_dir, "-o", out, "--force")
+    assert code == 0, err
+    assert out.read_bytes() != b"old"
+
+
+def test_distill_export_without_checkpoint_is_one_clean_line(run_cli, tmp_path, clean_error):
+    (tmp_path / "empty").mkdir()
+    for run_dir in (tmp_path / "empty", tmp_path / "missing"):
+        code, _, err = run_cli("distill-export", run_dir, "-o", tmp_path / "x.safetensors")
+        assert code == 1
+        clean_error(err, "no checkpoint.pt", str(run_dir))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_distill_resume_starts_a_new_run_then_exports(run_cli, tmp_path, clean_error, shared_weights, one_thread):
+    from test_distill import _images
+
+    data = _images(tmp_path / "data", n=2)
+    out = tmp_path / "runs" / "enc"  # does not exist yet: --resume just starts
+    args = ("distill", "--teacher", "taef2", "--data", data, "--out", out, "--width", "8", "--config",
+            '{"blocks_per_stage": 1}', "--schedule", "32:2", "--batch", "2", "--threads", "1", "--fp32")
+    code, _, err = run_cli(*args, "--resume")
+    assert code == 0, err
+    assert (out / "vaepack-enc-s8.safetensors").is_file()
+    code, _, err = run_cli(*args)  # an existing run without --resume: refused
+    assert code == 2
+    clean_error(err, "--resume")
+    code, stdout, err = run_cli("distill-export", out, "-o", tmp_path / "e.safetensors", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["finished"] is True

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vaepack import distill
-from vaepack.errors import ImageError, VaepackError
+from vaepack.errors import ImageError, UsageError, VaepackError
 from vaepack.models import student, tae
 
 TINY = dict(width=8, blocks_per_stage=1)
@@ -141,8 +141,106 @@ def test_decoder_distillation_and_pruned_init(tmp_path):
     assert m(torch.randn(1, 4, 4, 5)).shape == (1, 3, 32, 40)
 
 
-def test_cli_bad_schedule(tmp_path, capsys):
+def test_cli_bad_schedule(tmp_path, run_cli, clean_error):
     data = _images(tmp_path / "data", n=1)
-    rc = distill.main(["encoder", "--data", str(data), "--run-dir", str(tmp_path / "r"), "--teacher-encoder",
-                       str(tmp_path / "t.pth"), "--schedule", "128-10"])
-    assert rc == 2 and "bad schedule" in capsys.readouterr().err
+    code, _, err = run_cli("distill", "--data", data, "--out", tmp_path / "r", "--schedule", "128-10")
+    assert code == 2
+    clean_error(err, "bad schedule")
+    assert not hasattr(distill, "main")  # one command line: `vaepack distill`, no `python -m vaepack.distill`
+
+
+# ------------------------------------------------------------------------- warm starts (init=)
+class _Captured(Exception):
+    pass
+
+
+@pytest.fixture
+def capture_student(monkeypatch):
+    """Stop a run at the start of training and return the model it would train (after init=)."""
+    got = {}
+
+    def fake_train(**kw):
+        got["student"] = kw["student"]
+        raise _Captured
+
+    def run(fn, *args, **kw):
+        with monkeypatch.context() as mp, pytest.raises(_Captured):
+            mp.setattr(distill, "_train", fake_train)
+            fn(*args, **kw)
+        return got.pop("student")
+
+    return run
+
+
+def _load_student(path):
+    with safe_open(str(path), "pt") as f:
+        cfg = student.StudentConfig(**json.loads(f.metadata()["config"]))
+    m = student.build("encoder", cfg)
+    m.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return m.eval()
+
+
+def test_unfuse_bn_reproduces_the_fused_student():
+    torch.manual_seed(0)
+    m = student.build("encoder", student.StudentConfig(width=8, blocks_per_stage=1, stem_stride=2))
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    fused = student.fuse_bn(m.eval())
+    calib = torch.rand(4, 3, 32, 40)
+    with torch.no_grad():
+        ref = fused(calib)
+        u = student.unfuse_bn(fused, calib)
+        assert u.cfg.norm == "batch" and not u.cfg.fused
+        assert any(isinstance(x, torch.nn.BatchNorm2d) for x in u.modules())
+        torch.testing.assert_close(u.eval()(calib), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(u.train()(calib), ref, atol=1e-4, rtol=0)  # batch statistics = calib's
+        x = torch.rand(2, 3, 24, 16)  # eval mode: the fused function on any input
+        torch.testing.assert_close(u.eval()(x), fused(x), atol=1e-4, rtol=0)
+
+
+def test_init_warm_starts_an_encoder_from_an_exported_student(tmp_path, capture_student):
+    data = _images(tmp_path / "data", n=3, size=(144, 136))  # BatchNorm calibration uses 128 px crops
+    first = _run(data, tmp_path / "run1", schedule=[(32, 5)])
+    assert first.suffix == ".safetensors"
+    exported = _load_student(first)
+    m = capture_student(_run, data, tmp_path / "run2", init=first)  # norm batch (default): unfolded
+    assert m.cfg.norm == "batch" and not m.cfg.fused
+    x = torch.rand(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), exported(x), atol=1e-4, rtol=0)
+
+    with pytest.raises(UsageError, match="do not fit") as e:
+        _run(data, tmp_path / "run3", init=first, student_config=dict(TINY, width=16))
+    assert str(first) in str(e.value)
+    assert not (tmp_path / "run3" / "checkpoint.pt").exists()
+
+
+def test_views_per_image_doubles_the_teacher_cache(tmp_path):
+    data = _images(tmp_path / "data", n=3)
+    for vpi, n in ((1, 3), (2, 6)):
+        _run(data, tmp_path / f"run{vpi}", schedule=[(32, 1)], views_per_image=vpi)
+        assert f"teacher cache: {n} views of 3 images" in (tmp_path / f"run{vpi}" / "train.log").read_text()
+
+
+def test_decoder_init_loads_strictly(tmp_path, capture_student):
+    data = _images(tmp_path / "data", n=2)
+    torch.manual_seed(2)
+    cfg = tae.TAEConfig(kind="f8", latent_channels=4, width=8, midblock_gn=True)
+    src = tae.build("decoder", cfg)
+    path = distill.export_safetensors(src, tmp_path / "dec.safetensors", {"config": json.dumps({})}, fp16=False)
+    tdec = tae.build("decoder", tae.TAEConfig(kind="f8", latent_channels=4, width=16, midblock_gn=True)).eval()
+    kw = dict(schedule=[(32, 2)], batch=2, warmup=1, threads=1, bf16=False)
+    m = capture_student(distill.run_distill_decoder, _teacher(), tdec, data, tmp_path / "run", width=8, init=path, **kw)
+    for k, v in src.state_dict().items():  # init wins over the default warm start from the teacher
+        torch.testing.assert_close(m.state_dict()[k], v)
+
+    with pytest.raises(UsageError, match="do not fit") as e:
+        distill.run_distill_decoder(_teacher(), tdec, data, tmp_path / "run2", width=16, init=path, **kw)
+    assert str(path) in str(e.value)
+    with pytest.raises(VaepackError, match="init weights not found"):
+        distill.run_distill_decoder(_teacher(), tdec, data, tmp_path / "run3", width=8,
+                                    init=tmp_path / "nope.safetensors", **kw)

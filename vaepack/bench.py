@@ -296,7 +296,7 @@ def _load_images(data_dir, max_images: int | None, crop: int | None = None,
                  multiple: int = 8) -> list[tuple[str, torch.Tensor]]:
     """Images of ``data_dir`` (sorted), each cropped to a multiple of 8: top-left normally, or a
     centered crop of at most ``crop`` x ``crop`` (quick runs; the networks cost O(pixels))."""
-    from vaepack.io import expand_inputs, load_image
+    from vaepack.io import center_crop, expand_inputs, load_image
 
     d = Path(data_dir)
     if not d.is_dir():
@@ -306,17 +306,12 @@ def _load_images(data_dir, max_images: int | None, crop: int | None = None,
         paths = paths[:max_images]
     out = []
     for p in paths:
-        x = load_image(p)
+        x = center_crop(load_image(p), crop)
         h, w = x.shape[-2:]
-        top = left = 0
-        if crop:
-            ch, cw = min(h, crop), min(w, crop)
-            top, left = (h - ch) // 2, (w - cw) // 2
-            h, w = ch, cw
         h, w = h - h % multiple, w - w % multiple
         if h < 16 or w < 16:
             continue  # too small for SSIM's window after the crop
-        out.append((p.name, x[:, top:top + h, left:left + w].contiguous()))
+        out.append((p.name, x[:, :h, :w].contiguous()))
     if not out:
         raise UsageError(f"no usable images (at least 16x16) in {d}")
     return out

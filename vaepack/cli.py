@@ -565,6 +565,9 @@ def distill(
     threads: Optional[int] = typer.Option(None, "--threads"),
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="CPU: bf16 autocast + channels_last."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Reuse another run's teacher_cache.pt."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Warm start from a .safetensors of the same "
+                                        "architecture; a shipped BatchNorm-folded student gets its BatchNorms back from data statistics)."),
+    views_per_image: int = typer.Option(1, "--views-per-image", min=1, help="Teacher-cached random windows per image."),
 ):
     """Distill a compact encoder (Chu et al. 2026: Huber beta 0.15, Adam 7.5e-4, 128 then 256 px) or decoder."""
     import shlex
@@ -590,7 +593,7 @@ def distill(
     cmd = "vaepack " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     common = dict(schedule=sched, batch=batch, lr=lr, max_minutes=max_minutes, ckpt_every=ckpt_every, seed=seed,
                   device=device, bf16=bf16, threads=threads, teacher_id=tvae.entry.id, command=cmd,
-                  budget_minutes=budget_minutes, cache=cache)
+                  budget_minutes=budget_minutes, cache=cache, init=init, views_per_image=views_per_image)
     prog, cb = _train_progress(f"distill {part}")
     with prog:
         if part == "encoder":
@@ -600,9 +603,62 @@ def distill(
                                          pixel_weight=pixel_weight, init_from_teacher=init_from_teacher,
                                          progress=cb, **common)
     if path.name == "checkpoint.pt":
-        _note(f"stopped before the schedule ended; checkpoint {path} (rerun with --resume to continue)")
+        _note(f"stopped before the schedule ended; checkpoint {path} (rerun with --resume to continue); "
+              f"`vaepack distill-export {out} -o FILE` exports it as it is")
     else:
         _note(f"done: {path}")
+
+
+@app.command("distill-export")
+def distill_export(
+    run_dir: Path = typer.Argument(..., help="A `vaepack distill` run folder (holds checkpoint.pt)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .safetensors file."),
+    raw: bool = typer.Option(False, "--raw", help="Export the raw student weights instead of their EMA."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher id for the metadata when the "
+                                          "checkpoint does not record it (default taef2)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data folder for the metadata when the "
+                                       "checkpoint does not record it."),
+    force: bool = ForceOpt, as_json: bool = JsonOpt,
+):
+    """Export a distill run's current checkpoint (finished or not) as fp16 safetensors with provenance.
+
+    Encoders are written BatchNorm-folded, like a finished run's own export.
+    """
+    import shlex
+
+    import torch
+
+    from vaepack import distill as D
+    from vaepack.io import check_output
+
+    if output.is_dir():
+        raise UsageError(f"{output}: -o must be a file, not a folder")
+    check_output(output, force)
+    ck = run_dir / "checkpoint.pt"
+    if not ck.is_file():
+        raise VaepackError("no checkpoint.pt", path=str(run_dir), hint="run `vaepack distill` with --out there first")
+    c = torch.load(ck, weights_only=False, map_location="cpu")
+    meta = c.get("meta", {})
+    # Provenance recorded in the checkpoint wins; the options fill what it does not record.
+    stored_teacher = c.get("teacher_id") or c.get("teacher") or meta.get("teacher_id") or meta.get("teacher")
+    stored_data = c.get("data_dir") or meta.get("data_dir")
+    for name, given, stored in (("--teacher", teacher, stored_teacher), ("--data", data, stored_data)):
+        if given is not None and stored is not None and str(given) != str(stored):
+            _note(f"warning: {name} {given} ignored: the checkpoint records {stored}")
+    teacher_id = str(stored_teacher or teacher or "taef2")
+    data_dir = str(stored_data or data or "")
+    cmd = "vaepack " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = D.export_checkpoint(run_dir, output, teacher_id=teacher_id, data_dir=data_dir, command=cmd,
+                               use_ema=not raw)
+    state = c.get("state", {})
+    res = {"run_dir": str(run_dir), "output": str(path), "weights": "student" if raw else "ema",
+           "family": meta.get("family"), "part": meta.get("part"), "step": state.get("step"),
+           "finished": bool(state.get("finished")), "teacher": teacher_id, "data_dir": data_dir}
+    if as_json:
+        _emit_json(res)
+    else:
+        _note(f"{run_dir} -> {path}  ({res['part']}, {'raw' if raw else 'EMA'} weights at step {res['step']}"
+              f"{'' if res['finished'] else ', run not finished'})")
 
 
 @app.command("train-eps")
@@ -652,6 +708,8 @@ def sweep(
     decoder: Optional[str] = typer.Option(None, "--decoder", help="Decode every model with this decoder."),
     scales: str = typer.Option("0.5,1,1.5,2,3,4", "--scales"),
     filter: str = typer.Option("bilinear", "--filter"),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Measure the centered N px window of each image "
+                                       "(large scales of whole images cost minutes per image on a CPU)."),
     dtype: str = DtypeOpt, device: str = DeviceOpt, as_json: bool = JsonOpt,
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="PSNR vs scale PNG (the paper's Fig. 3)."),
 ):
@@ -660,7 +718,7 @@ def sweep(
 
     models = [model] + ([teacher] if teacher else [])
     res = A.sweep(inputs, models, _csv(scales, float), decoder=decoder, device=device, dtype=dtype, filter=filter,
-                  progress=_note)  # stderr, so --json on stdout stays clean
+                  progress=_note, crop=crop)  # stderr, so --json on stdout stays clean
     if plot_out:
         A.plot_sweep(res, plot_out)
     if as_json:

@@ -21,7 +21,6 @@ Everything a run needs to continue lives in ``run_dir``: ``checkpoint.pt`` (atom
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -32,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -451,7 +450,8 @@ def _train(
         def save():
             _atomic_save({"student": student.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                           "state": asdict(state), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                          "meta": student_meta, "schedule": schedule}, ckpt)
+                          "meta": student_meta, "schedule": schedule, "teacher_id": teacher_id,
+                          "data_dir": str(data_dir)}, ckpt)
 
         log.info("%s distillation: %s, schedule %s, batch %d, lr %g (%s), %d views, device %s, threads %d",
                  kind, json.dumps(student_meta), schedule, batch, lr, lr_kind, len(pool), device, torch.get_num_threads())
@@ -552,6 +552,55 @@ def export_safetensors(module: nn.Module, path: Path, metadata: dict[str, str], 
 
 
 # ------------------------------------------------------------------------------ public API
+def _load_init(model: nn.Module, path: str | os.PathLike) -> None:
+    """Warm start ``model`` from a vaepack-written .safetensors of the same architecture (strict).
+
+    A shipped student is stored BatchNorm-folded (``fused``): ``run_distill`` loads it into the folded
+    network and rebuilds the BatchNorms from data (``student.unfuse_bn``) before calling this.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise VaepackError("init weights not found", path=str(path), hint="pass an existing .safetensors")
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise VaepackError(f"cannot read init weights ({e})", path=str(path), hint="pass a vaepack .safetensors") from None
+    try:
+        model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UsageError(f"init weights do not fit the model config ({first[1].strip() if len(first) > 1 else first[0]})",
+                         path=str(path), hint="use the --width/--config the weights were trained with "
+                         "(their metadata 'config' field)") from None
+
+
+def _calibration_batch(data_dir, seed: int, n: int = 32, crop: int = 128) -> torch.Tensor:
+    """Random crops (``crop`` px, or the smallest image side if less) of up to ``n`` training images:
+    the BatchNorm statistics of a warm start."""
+    rng = random.Random(seed)
+    files = list_images(data_dir)
+    imgs = []
+    for p in rng.sample(files, min(n, len(files))):
+        try:
+            imgs.append(load_rgb(p))
+        except ImageError:
+            continue
+    if imgs:
+        crop = max(8, min(crop, *(min(i.shape[1:]) for i in imgs)) // 8 * 8)
+    crops = []
+    for img in imgs:
+        if min(img.shape[1:]) < crop:
+            continue
+        y, x = rng.randint(0, img.shape[1] - crop), rng.randint(0, img.shape[2] - crop)
+        crops.append(img[:, y:y + crop, x:x + crop].float() / 255)
+    if not crops:
+        raise ImageError(f"no image of at least {crop} px to calibrate BatchNorm", path=str(data_dir))
+    return torch.stack(crops)
+
+
 def run_distill(
     teacher: nn.Module,
     data_dir: str | os.PathLike,
@@ -582,6 +631,8 @@ def run_distill(
     ema_decay: float = 0.999,
     budget_minutes: float | None = None,
     cache: str | os.PathLike | None = None,
+    init: str | os.PathLike | None = None,
+    views_per_image: int = 1,
 ) -> Path:
     """Distill a ``student`` encoder from ``teacher`` (images [0,1] -> latent at H/8).
 
@@ -597,11 +648,18 @@ def run_distill(
     kw = {"width": width, **(student_config or {}), "latent_channels": latent_channels}
     cfg = fam.StudentConfig(**kw)
     model = fam.build("encoder", cfg)
+    if init and cfg.norm == "batch" and not cfg.fused:
+        # A shipped student is BatchNorm-folded: rebuild its BatchNorms from data statistics.
+        folded = fam.build("encoder", replace(cfg, fused=True))
+        _load_init(folded, init)
+        model = fam.unfuse_bn(folded, _calibration_batch(data_dir, seed))
+    elif init:
+        _load_init(model, init)
     meta = {"family": "student", "part": "encoder", "config": asdict(cfg)}
     ema, state, run_dir = _train(
         kind="encoder", student=model, student_meta=meta, teacher=teacher, teacher_decoder=None, data_dir=data_dir,
         run_dir=out_dir, schedule=schedule, batch=batch, lr=lr, warmup=warmup, lr_final=lr_final, lr_kind=lr_kind,
-        views=views, border=border, pixel_weight=0.0, ckpt_every=ckpt_every, max_minutes=max_minutes, seed=seed,
+        views=tuple(views) * max(1, views_per_image), border=border, pixel_weight=0.0, ckpt_every=ckpt_every, max_minutes=max_minutes, seed=seed,
         device=device, bf16=bf16, threads=threads, progress=progress, teacher_id=teacher_id, ema_decay=ema_decay,
         budget_minutes=budget_minutes, cache=cache, view_max_side=view_max_side)
     if not state.finished:
@@ -643,6 +701,8 @@ def run_distill_decoder(
     command: str | None = None,
     ema_decay: float = 0.999,
     cache: str | os.PathLike | None = None,
+    init: str | os.PathLike | None = None,
+    views_per_image: int = 1,
 ) -> Path:
     """Distill a small TAE-family decoder (``vaepack.models.tae`` at ``width``) in the teacher's latent space.
 
@@ -659,13 +719,15 @@ def run_distill_decoder(
     kw = {"kind": "f8", "midblock_gn": True, **(decoder_config or {}), "width": width, "latent_channels": latent_channels}
     cfg = tae.TAEConfig(**kw)
     model = tae.build("decoder", cfg)
-    if init_from_teacher:
+    if init:
+        _load_init(model, init)
+    elif init_from_teacher:
         model.load_state_dict(prune_tae_decoder(teacher_decoder.float().cpu().state_dict(), cfg))
     meta = {"family": "tae", "part": "decoder", "config": asdict(cfg)}
     ema, state, run_dir = _train(
         kind="decoder", student=model, student_meta=meta, teacher=teacher_encoder, teacher_decoder=teacher_decoder,
         data_dir=data_dir, run_dir=out_dir, schedule=schedule, batch=batch, lr=lr, warmup=warmup, lr_final=lr_final,
-        lr_kind=lr_kind, views=views, border=border, pixel_weight=pixel_weight, ckpt_every=ckpt_every,
+        lr_kind=lr_kind, views=tuple(views) * max(1, views_per_image), border=border, pixel_weight=pixel_weight, ckpt_every=ckpt_every,
         max_minutes=max_minutes, seed=seed, device=device, bf16=bf16, threads=threads, progress=progress,
         teacher_id=teacher_id, ema_decay=ema_decay, cache=cache, budget_minutes=budget_minutes,
         view_max_side=view_max_side)
@@ -774,7 +836,7 @@ def _provenance(teacher_id, data_dir, schedule, state, batch, command, family, p
     }
 
 
-# ----------------------------------------------------------------------------- command line
+# ------------------------------------------- helpers of the CLI (vaepack distill) and benchmarks/
 def load_tae_teacher(path: str | os.PathLike, part: str, latent_channels: int = 32, midblock_gn: bool = True) -> nn.Module:
     """A TAE-family part from an upstream ``nn.Sequential`` .pth (e.g. TAEF2), as float32."""
     from .models import tae
@@ -799,66 +861,6 @@ def _parse_schedule(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _default_teacher_file(name: str) -> str | None:
-    from .paths import shared_dir
-
-    d = shared_dir()
-    return str(d / "weights" / name) if d and (d / "weights" / name).is_file() else None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vaepack.distill", description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["encoder", "decoder", "export"])
-    ap.add_argument("--data", required=False, help="folder of training images")
-    ap.add_argument("--run-dir", required=True, help="run directory (checkpoint, cache, log); rerun to resume")
-    ap.add_argument("--teacher-encoder", default=_default_teacher_file("taef2_encoder.pth"))
-    ap.add_argument("--teacher-decoder", default=_default_teacher_file("taef2_decoder.pth"))
-    ap.add_argument("--teacher-id", default="taef2")
-    ap.add_argument("--config", default="{}", help="JSON model config (StudentConfig or TAEConfig fields)")
-    ap.add_argument("--width", type=int, default=32)
-    ap.add_argument("--schedule", default="128:10000,256:10000")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=LR)
-    ap.add_argument("--pixel-weight", type=float, default=1.0)
-    ap.add_argument("--init-from-teacher", action="store_true", help="decoder: start from the teacher's pruned channels")
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop this invocation after N minutes (resumable)")
-    ap.add_argument("--budget-minutes", type=float, default=None,
-                    help="total training wall-clock budget over all sessions: LR decay and stages follow it")
-    ap.add_argument("--cache", default=None, help="reuse another run's teacher_cache.pt")
-    ap.add_argument("--ckpt-every", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-bf16", action="store_true")
-    ap.add_argument("--out", default=None, help="export: output .safetensors")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cmd = "python -m vaepack.distill " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        if a.part == "export":
-            p = export_checkpoint(a.run_dir, a.out or Path(a.run_dir) / "export.safetensors", teacher_id=a.teacher_id,
-                                  data_dir=a.data or "", command=cmd)
-            print(p)
-            return 0
-        if not a.data:
-            raise UsageError("--data is required for training")
-        schedule = _parse_schedule(a.schedule)  # validate cheap options before loading anything
-        teacher = load_tae_teacher(a.teacher_encoder, "encoder")
-        common = dict(schedule=schedule, batch=a.batch, lr=a.lr, max_minutes=a.max_minutes,
-                      ckpt_every=a.ckpt_every, seed=a.seed, device=a.device, bf16=not a.no_bf16, threads=a.threads,
-                      teacher_id=a.teacher_id, command=cmd, budget_minutes=a.budget_minutes, cache=a.cache)
-        if a.part == "encoder":
-            p = run_distill(teacher, a.data, a.run_dir, width=a.width, student_config=json.loads(a.config), **common)
-        else:
-            tdec = load_tae_teacher(a.teacher_decoder, "decoder")
-            p = run_distill_decoder(teacher, tdec, a.data, a.run_dir, width=a.width, decoder_config=json.loads(a.config),
-                                    pixel_weight=a.pixel_weight, init_from_teacher=a.init_from_teacher, **common)
-        print(p)
-        return 0
-    except VaepackError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the former argparse entry point: say where it went instead of doing nothing
+    sys.exit("error: `python -m vaepack.distill` was folded into the CLI: use `vaepack distill` "
+             "(training) and `vaepack distill-export` (export a run's checkpoint)")

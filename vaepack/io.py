@@ -137,6 +137,19 @@ def save_image(path: Path, x: torch.Tensor, force: bool = True) -> None:
         im.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
 
 
+def center_crop(x: torch.Tensor, crop: int | None) -> torch.Tensor:
+    """The centered ``crop`` x ``crop`` window of a (..., H, W) image (each side at most its size).
+
+    Quick measurements use it: every network here costs O(pixels), so a 256 px crop of a 4x remap
+    costs what the whole image costs at 1x."""
+    if not crop:
+        return x
+    h, w = x.shape[-2:]
+    ch, cw = min(h, crop), min(w, crop)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return x[..., top:top + ch, left:left + cw]
+
+
 def expand_inputs(items: list[str]) -> list[Path]:
     """Files, directories (their images, sorted) and glob patterns -> list of paths."""
     import glob

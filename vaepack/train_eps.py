@@ -594,13 +594,15 @@ def run_train_eps(encoder_id: str, data_dir: Path, out_dir: Path, *, steps: int 
 # ============================================================================= evaluation
 @torch.no_grad()
 def eval_nfe(weights: Path, encoder_id: str, data_dir: Path, nfes=(1, 2, 3, 5, 10), crop: int = 256,
-             seed: int = 0, deterministic: bool = True, progress: Progress | None = None) -> dict:
+             seed: int = 0, deterministic: bool = True, progress: Progress | None = None,
+             schedule: str | None = None) -> dict:
     """PSNR/SSIM on center crops (side min(crop, H, W) rounded down to the latent factor) of every
     image in ``data_dir``: the encoder's own decoder vs the eps decoder at each NFE, same latents.
 
     The eps decoder's base reconstruction is the encoder model's decoder output computed once per
     image (the same TAE weights the eps file carries), so every NFE costs only its UNet evaluations;
-    the result equals ``EpsDecoder.forward`` with ``steps = n``.
+    the result equals ``EpsDecoder.forward`` with ``steps = n``. ``schedule`` overrides the
+    decoder's time grid ("reversed_log" or "uniform"; paper 004 Table 4 spacing ablation).
     """
     from vaepack import metrics
     from vaepack.samplers import sample
@@ -609,6 +611,12 @@ def eval_nfe(weights: Path, encoder_id: str, data_dir: Path, nfes=(1, 2, 3, 5, 1
     vae = load_vae(encoder_id, device="cpu")
     dec = load_eps_decoder(Path(weights))
     dec.seed, dec.deterministic_noise = seed, deterministic
+    if schedule is not None:
+        from vaepack.samplers import SCHEDULES
+
+        if schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule '{schedule}' ({', '.join(SCHEDULES)})")
+        dec.schedule = schedule
     f = vae.factor
     res: dict = {"base": {"psnr": [], "ssim": []}, **{n: {"psnr": [], "ssim": []} for n in nfes}}
     for p in _images(data_dir):

@@ -172,3 +172,49 @@ def fuse_bn(model: StudentEncoder) -> StudentEncoder:
             sd[f"{name}.{conv_name}.bias"] = (b - bn.running_mean) * scale + bn.bias
     fused.load_state_dict(sd)
     return fused.eval()
+
+
+@torch.no_grad()
+def unfuse_bn(fused: StudentEncoder, calib: torch.Tensor) -> StudentEncoder:
+    """Inverse of ``fuse_bn`` for further training: a BatchNorm student equal to ``fused`` on ``calib``.
+
+    Folding forgets the BatchNorm statistics, so they are re-estimated on a calibration batch: each
+    conv keeps its folded weight (no bias) and its BatchNorm gets running mean/var = that conv's
+    output statistics on ``calib``, gamma = the std and beta = the mean plus the folded bias. In train
+    mode on ``calib`` and in eval mode everywhere the network then computes what ``fused`` computes,
+    so training resumes from the shipped function instead of from a perturbed one.
+    """
+    cfg = replace(fused.cfg, fused=False, norm="batch")
+    out = StudentEncoder(cfg)
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    for name, mod in fused.named_modules():
+        if isinstance(mod, ResBlock):
+            for conv_name in ("conv1", "conv2"):
+                conv = getattr(mod, conv_name)
+
+                def hook(m, inp, y, key=f"{name}.{conv_name}"):
+                    y = (y - m.bias[None, :, None, None]).float()  # the conv's output before the folded bias
+                    stats[key] = (y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False))
+
+                hooks.append(conv.register_forward_hook(hook))
+    try:
+        fused.eval()(calib)
+    finally:
+        for h in hooks:
+            h.remove()
+    sd = out.state_dict()
+    src = fused.state_dict()
+    for k in sd:
+        if k in src and src[k].shape == sd[k].shape:
+            sd[k] = src[k].clone()
+    for key, (mean, var) in stats.items():
+        block, conv_name = key.rsplit(".", 1)
+        bn = f"{block}.norm{conv_name[-1]}"
+        eps = 1e-5
+        sd[f"{bn}.running_mean"] = mean
+        sd[f"{bn}.running_var"] = var
+        sd[f"{bn}.weight"] = torch.sqrt(var + eps)
+        sd[f"{bn}.bias"] = mean + src[f"{key}.bias"]
+    out.load_state_dict(sd)
+    return out
