@@ -110,7 +110,8 @@ def test_unreadable_image_is_skipped(tmp_path):
     assert "broken.jpg" in (tmp_path / "run" / "train.log").read_text()
 
 
-def test_fuse_bn_matches_unfused():
+def _bn_student():
+    """A tiny BatchNorm student with non-trivial BatchNorm statistics and affine parameters."""
     torch.manual_seed(0)
     m = student.build("encoder", student.StudentConfig(width=8, blocks_per_stage=1, stem_stride=2))
     for mod in m.modules():
@@ -119,6 +120,11 @@ def test_fuse_bn_matches_unfused():
             mod.running_var.uniform_(0.5, 2)
             mod.weight.data.uniform_(0.5, 1.5)
             mod.bias.data.uniform_(-0.2, 0.2)
+    return m
+
+
+def test_fuse_bn_matches_unfused():
+    m = _bn_student()
     m.eval()
     f = student.fuse_bn(m)
     x = torch.rand(2, 3, 32, 40)
@@ -181,14 +187,7 @@ def _load_student(path):
 
 
 def test_unfuse_bn_reproduces_the_fused_student():
-    torch.manual_seed(0)
-    m = student.build("encoder", student.StudentConfig(width=8, blocks_per_stage=1, stem_stride=2))
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.2, 0.2)
+    m = _bn_student()
     fused = student.fuse_bn(m.eval())
     calib = torch.rand(4, 3, 32, 40)
     with torch.no_grad():

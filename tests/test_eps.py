@@ -247,3 +247,11 @@ def test_tiny_training_lowers_loss_and_round_trips(tmp_path, monkeypatch):
     assert r2["step"] == 40 and (run / T.CKPT_NAME).is_file()
     with pytest.raises(UsageError):
         T.run_train_eps("taesana", data, run, steps=41, **kw)
+
+
+def test_eval_nfe_rejects_unknown_schedule_before_loading(tmp_path):
+    from vaepack.train_eps import eval_nfe
+
+    # The weights path does not exist: the schedule is checked first, so the error names the schedule.
+    with pytest.raises(UsageError, match="unknown schedule 'cosine'"):
+        eval_nfe(tmp_path / "missing.safetensors", "taef2", tmp_path, schedule="cosine")

@@ -605,17 +605,15 @@ def eval_nfe(weights: Path, encoder_id: str, data_dir: Path, nfes=(1, 2, 3, 5, 1
     decoder's time grid ("reversed_log" or "uniform"; paper 004 Table 4 spacing ablation).
     """
     from vaepack import metrics
-    from vaepack.samplers import sample
+    from vaepack.samplers import SCHEDULES, sample
     from vaepack.vae import load_vae
 
+    if schedule is not None and schedule not in SCHEDULES:
+        raise UsageError(f"unknown schedule '{schedule}' ({', '.join(SCHEDULES)})")
     vae = load_vae(encoder_id, device="cpu")
     dec = load_eps_decoder(Path(weights))
     dec.seed, dec.deterministic_noise = seed, deterministic
     if schedule is not None:
-        from vaepack.samplers import SCHEDULES
-
-        if schedule not in SCHEDULES:
-            raise UsageError(f"unknown schedule '{schedule}' ({', '.join(SCHEDULES)})")
         dec.schedule = schedule
     f = vae.factor
     res: dict = {"base": {"psnr": [], "ssim": []}, **{n: {"psnr": [], "ssim": []} for n in nfes}}
