@@ -218,3 +218,25 @@ def test_taef2_64px(tmp_path, monkeypatch):
     assert row["status"] == "ok"
     assert row["params"] == param_count(load_vae("taef2", parts=("encoder",)).parts["encoder"].module)
     assert row["flops_per_image"] > 1e9 and row["latency_ms_median"] > 0
+
+
+def test_suite_overrides_replace_and_none_removes(tmp_path, monkeypatch):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\ndescription: x\nkind: bench\nparams: {models: [taef2], nfe: [1, 2], repeat: 5}\n")
+    seen = {}
+    real = B.run_bench
+
+    def fake(*args, **kw):  # same signature check as the real one, then record what it was given
+        import inspect
+
+        inspect.signature(real).bind(*args, **kw)
+        seen.update({k: v for k, v in kw.items() if k != "progress"})
+        return {"config": {}}
+
+    import inspect
+
+    fake.__signature__ = inspect.signature(real)  # load_suite checks suite params against it
+
+    monkeypatch.setattr(B, "run_bench", fake)
+    res = B.run_suite(str(p), repeat=2, nfe=None, crop=64)
+    assert seen == {"models": ["taef2"], "repeat": 2, "crop": 64} and res["config"]["suite"] == "s"

@@ -1017,11 +1017,12 @@ def load_suite(name_or_path: str) -> dict:
 
 
 def run_suite(name_or_path: str, progress: Progress | None = None, **overrides) -> dict:
-    """Load and run a suite; keyword overrides replace suite params (e.g. repeat=3)."""
+    """Load and run a suite; keyword overrides replace suite params (e.g. repeat=3, crop=256), and an
+    override of None removes the suite's value (e.g. nfe=None to time a deterministic decoder)."""
     s = load_suite(name_or_path)
     if s["pending"]:
         raise UsageError(f"suite '{s['name']}' is pending: {s['pending']}")
-    params = {**s["params"], **{k: v for k, v in overrides.items() if v is not None}}
+    params = {k: v for k, v in {**s["params"], **overrides}.items() if v is not None}
     res = (run_bench if s["kind"] == "bench" else run_rd)(progress=progress, **params)
     res["config"]["suite"] = s["name"]
     return res
