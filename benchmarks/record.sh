@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Record the benchmark suites on this machine into benchmarks/results/<machine>/ (JSON + Markdown).
-# Run on an otherwise idle machine (latency); each step is one command, skip steps with STEPS="...".
+# Run on an otherwise idle machine (latency); THREADS=N pins torch threads (default: torch's choice).
 #   usage: MACHINE=amd-epyc-zen4-2c benchmarks/record.sh [step ...]   (default: all steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,10 @@ for s in $steps; do
     table5|remap|rd)
       # Quality on center 256 px crops of the dev set (whole images at 2x cost minutes per image here).
       py <<PY
+import torch
 from vaepack import bench as B
+if "${THREADS:-}":
+    torch.set_num_threads(int("${THREADS:-0}"))
 r = B.run_suite("$s", crop=256, progress=lambda d, t, row: print(f"[{d}/{t}]", flush=True))
 B.save(r, "$OUT/$s-$D.json"); open("$OUT/$s-$D.md", "w").write(B.to_markdown(r) + "\n")
 B.plot(r, "$OUT/$s-$D.png")
@@ -26,7 +29,10 @@ PY
     eps-nfe)
       # The eps decoder per NFE, then the deterministic decoders on the same TAEF2 latents.
       py <<PY
+import torch
 from vaepack import bench as B
+if "${THREADS:-}":
+    torch.set_num_threads(int("${THREADS:-0}"))
 rows, first = [], None
 for dec, nfe in (("taef2-eps", [1, 2, 3, 5, 10]), ("taef2", None), ("default", None)):
     r = B.run_suite("eps-nfe", decoder=dec, nfe=nfe, progress=lambda d, t, row: print(f"[{d}/{t}] {dec}", flush=True))

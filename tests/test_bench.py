@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,12 +202,8 @@ def test_pending_suite_refused(tmp_path):
         B.load_suite("nope")
 
 
-WEIGHTS = Path("/work/shared/weights")
-
-
-@pytest.mark.skipif(not (WEIGHTS / "taef2_encoder.pth").is_file(), reason="needs the TAEF2 weights mirror")
-def test_taef2_64px(tmp_path, monkeypatch):
-    monkeypatch.setenv("VAEPACK_MIRROR", str(WEIGHTS))
+def test_taef2_64px(shared_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAEPACK_MIRROR", str(shared_weights))
     monkeypatch.setenv("VAEPACK_HOME", str(tmp_path))
     from vaepack.vae import load_vae
 
@@ -240,3 +235,18 @@ def test_suite_overrides_replace_and_none_removes(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "run_bench", fake)
     res = B.run_suite(str(p), repeat=2, nfe=None, crop=64)
     assert seen == {"models": ["taef2"], "repeat": 2, "crop": 64} and res["config"]["suite"] == "s"
+
+
+def test_eps_decoder_rows_per_nfe(shared_weights, tmp_path, monkeypatch):
+    """The shipped diffusion decoder gets one row per NFE; its cost grows with NFE (paper 004's axis)."""
+    monkeypatch.setenv("VAEPACK_MIRROR", str(shared_weights))
+    monkeypatch.setenv("VAEPACK_HOME", str(tmp_path))
+    r = B.run_bench(["taef2"], parts=["decoder"], decoder="eps", sizes=[32], nfe=[1, 3], repeat=1, warmup=0,
+                    threads=1)
+    B.validate(r)
+    one, three = r["rows"]
+    assert (one["status"], three["status"]) == ("ok", "ok"), (one["reason"], three["reason"])
+    assert (one["nfe"], three["nfe"]) == (1, 3) and one["network"] == "taef2-eps"
+    assert three["flops_per_image"] > one["flops_per_image"] > 0
+    det = B.run_bench(["taef2"], parts=["decoder"], sizes=[32], nfe=[1], repeat=1, warmup=0, threads=1)
+    assert det["rows"][0]["status"] == "skipped" and "nfe" in det["rows"][0]["reason"]

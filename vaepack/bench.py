@@ -326,11 +326,15 @@ class _DecodeWith:
     def __getattr__(self, name):
         return getattr(self._vae, name)
 
-    def decode(self, z):
-        return self._vae.decode(z, **self._kw)
+    def decode(self, z, tiler=None):
+        return self._vae.decode(z, tiler, **self._kw)
 
 
 def _takes_nfe(vae) -> bool:
+    """A diffusion decoder (its module has ``steps``) whose ``decode`` takes ``nfe=`` (the VAE contract)."""
+    p = getattr(vae, "parts", {}).get("decoder")
+    if p is None or not hasattr(p.module, "steps"):
+        return False
     try:
         return "nfe" in inspect.signature(vae.decode).parameters
     except (TypeError, ValueError):

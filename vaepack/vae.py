@@ -105,9 +105,25 @@ class VAE:
         return L.mean_to_diffusion(m, self.space, self._bn_stats(p.module))
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, tiler: Tiler | None = None) -> torch.Tensor:
-        """Diffusion-space latents -> [0, 1] images (clamped)."""
+    def decode(self, z: torch.Tensor, tiler: Tiler | None = None, nfe: int | None = None) -> torch.Tensor:
+        """Diffusion-space latents -> [0, 1] images (clamped).
+
+        ``nfe``: sampling steps of a diffusion decoder for this call (its ``steps`` otherwise);
+        a deterministic decoder refuses it."""
         p = self.parts["decoder"]
+        if nfe is not None:
+            if not hasattr(p.module, "steps"):
+                raise UsageError(f"'{self.entry.id}' has a deterministic decoder: it takes no nfe/--steps")
+            if p.runner is not None:
+                raise UsageError("a diffusion decoder's nfe is only set on the torch backend")
+            if nfe < 1:
+                raise UsageError(f"nfe must be >= 1, got {nfe}")
+            old = p.module.steps
+            p.module.steps = int(nfe)
+            try:
+                return self.decode(z, tiler)
+            finally:
+                p.module.steps = old
         if p.runner is not None:
             return (p.runner(z) if tiler is None else tiler(p.runner, z)).clamp(0, 1)
         z = z.to(self.device, torch.float32)
