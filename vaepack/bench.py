@@ -869,10 +869,12 @@ def to_markdown(result: dict) -> str:
             f"{', load ' + ' '.join(f'{x:.1f}' for x in m['loadavg']) if m.get('loadavg') else ''}"
             f"{'  **INTERRUPTED (partial)**' if result['interrupted'] else ''}\n\n")
     if result["kind"] == "rd":
-        cols = ["codec", "variant", "scale", "bpp", "PSNR", "SSIM", "MS-SSIM", "images"]
+        cols = ["codec", "model", "variant", "scale", "bpp", "PSNR", "SSIM", "MS-SSIM", "images"]
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in result["rows"]:
-            lines.append("| " + " | ".join([r["codec"], r["variant"], _fmt(r["scale"]), _fmt(r["bpp"], 3),
+            who = "-" if r["codec"] != "latent" else (
+                r["model"] if r.get("decoder") in (None, r["model"]) else f"{r['model']}>{r['decoder']}")
+            lines.append("| " + " | ".join([r["codec"], who, r["variant"], _fmt(r["scale"]), _fmt(r["bpp"], 3),
                                             _fmt(r["psnr"]), _fmt(r["ssim"], 4), _fmt(r["ms_ssim"], 4),
                                             str(r["images"])]) + " |")
         return head + "\n".join(lines) + "\n"
