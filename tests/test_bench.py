@@ -172,7 +172,9 @@ def test_rd(data_dir, tmp_path):
     assert rows[("latent", "q8")]["bpp"] > 4.0  # 4 bpp of codes plus the per-channel side info
     assert rows[("latent", "q8+zlib")]["bpp"] <= rows[("latent", "q8")]["bpp"] + 0.5
     assert all(0 < x["psnr"] <= 100 and x["images"] == 2 for x in r["rows"])
-    assert "| jpeg | q50 |" in B.to_markdown(r)
+    md = B.to_markdown(r)
+    assert "| jpeg | - | q50 |" in md and "| codec | model | variant |" in md
+    assert sum(line.startswith("| latent | ") and " | - | " not in line[:30] for line in md.splitlines()) == 3
     B.plot(r, tmp_path / "rd.png")
     B.save(r, tmp_path / "rd.json")
     assert B.load(tmp_path / "rd.json") == r
