@@ -57,6 +57,9 @@ class ModelEntry:
     space: Space
     parts: dict[str, PartSpec]
     fp16_safe: bool = True
+    # False when the measured bf16 round trip loses more than 0.1 dB PSNR against fp32 on the dev set:
+    # `--backend auto` then keeps fp32 for this model (benchmarks/README.md, quality per backend).
+    bf16_safe: bool = True
     aliases: tuple[str, ...] = ()
 
     @property
@@ -125,7 +128,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
         models[mid] = ModelEntry(
             id=mid, description=str(m.get("description", "")), license=str(m.get("license", "unknown")),
             space=spaces[sname], parts=parts, fp16_safe=bool(m.get("fp16_safe", True)),
-            aliases=tuple(a for a, t in aliases.items() if t == mid),
+            bf16_safe=bool(m.get("bf16_safe", True)), aliases=tuple(a for a, t in aliases.items() if t == mid),
         )
     for a, t in aliases.items():
         if t not in models:

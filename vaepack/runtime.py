@@ -467,10 +467,11 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def best_cpu_choice() -> tuple[str, str]:
+def best_cpu_choice(entry=None) -> tuple[str, str]:
     """(backend, precision) of the fastest CPU path that keeps round-trip quality: OpenVINO when
-    installed, else torch; bf16 where the CPU has native bf16, else fp32."""
-    prec = "bf16" if cpu_has_native_bf16() else "fp32"
+    installed, else torch; bf16 where the CPU has native bf16 and the model's manifest entry does not
+    say ``bf16_safe: false`` (its measured bf16 round trip loses > 0.1 dB), else fp32."""
+    prec = "bf16" if cpu_has_native_bf16() and getattr(entry, "bf16_safe", True) else "fp32"
     try:
         X.require_onnx()
         X.require_openvino()
@@ -481,7 +482,9 @@ def best_cpu_choice() -> tuple[str, str]:
 
 def best_cpu_backend(model_id: str, part: str = "decoder", *, threads: int | None = None) -> Runner:
     """Runner for ``best_cpu_choice()``, falling back to torch if OpenVINO cannot take the model."""
-    name, prec = best_cpu_choice()
+    from vaepack.manifest import get_model
+
+    name, prec = best_cpu_choice(get_model(model_id) if isinstance(model_id, str) else model_id)
     if name == "openvino":
         try:
             return get_backend("openvino", model_id, part, prec, threads=threads)

@@ -149,7 +149,7 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
     if backend == "auto":
         from vaepack.runtime import best_cpu_choice
 
-        backend, dtype = ("torch", dtype) if dev.type == "cuda" else best_cpu_choice()
+        backend, dtype = ("torch", dtype) if dev.type == "cuda" else best_cpu_choice(entry)
     check_dtype(entry, dtype)
     vae = VAE(entry=entry, device=dev, dtype=dtype)
     for part in parts:
