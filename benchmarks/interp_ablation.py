@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def run(pairs, data, scale, crop, dtype="fp32"):
             row = {"encoder": enc_id, "decoder": dec_id, "type": kind, "position": pos, "scale": scale,
                    **{k: sum(v) / len(v) for k, v in acc.items()}, "images": len(images)}
             out.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row), file=sys.stderr, flush=True)  # progress; stdout is the Markdown table
     return out
 
 
