@@ -55,6 +55,7 @@ def main() -> None:
     out.update(steps=a.steps, batch=a.batch, crop=128, data=a.data, dev=a.dev, threads=a.threads,
                machine=machine_info(torch.device("cpu")))
     models = {name: runs / name for name in a.variants.split(",") if name}
+    weights: dict[str, Path] = {}
     for name, run in models.items():
         t0 = time.time()
         res = run_train_eps("taef2", Path(a.data), run, steps=a.steps, batch=a.batch, crop=128, lr=5e-4, ema=0.999,
@@ -62,8 +63,8 @@ def main() -> None:
                             progress=print, log_every=50, command="benchmarks/eps_ablation.py", **VARIANTS[name])
         out["variants"].setdefault(name, {})["train"] = {"seconds": round(time.time() - t0), "step": res.get("step"),
                                                          "settings": {k: v for k, v in VARIANTS[name].items()}}
+        weights[name] = Path(res["export"]["path"])
         _save(out, a.out)
-    weights = {name: _export_path(run) for name, run in models.items()}
     if a.shipped:
         weights["shipped"] = Path(a.shipped)
     for name, w in weights.items():
@@ -74,13 +75,6 @@ def main() -> None:
             out["variants"].setdefault(name, {})[sched] = r
             print(name, sched, json.dumps(r))
             _save(out, a.out)
-
-
-def _export_path(run: Path) -> Path:
-    cands = sorted(run.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not cands:
-        raise SystemExit(f"{run}: no exported weights")
-    return cands[-1]
 
 
 def _save(obj, path) -> None:

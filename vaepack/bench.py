@@ -331,14 +331,8 @@ class _DecodeWith:
 
 
 def _takes_nfe(vae) -> bool:
-    """A diffusion decoder (its module has ``steps``) whose ``decode`` takes ``nfe=`` (the VAE contract)."""
-    p = getattr(vae, "parts", {}).get("decoder")
-    if p is None or not hasattr(p.module, "steps"):
-        return False
-    try:
-        return "nfe" in inspect.signature(vae.decode).parameters
-    except (TypeError, ValueError):
-        return False
+    """A diffusion decoder: ``VAE.decode(z, nfe=)`` sets its steps for the call."""
+    return bool(getattr(vae, "sampling", False))
 
 
 def _mean_metrics(pairs) -> dict:

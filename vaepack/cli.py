@@ -261,7 +261,7 @@ def _decoder_vae(model: Optional[str], decoder: Optional[str], rec_model: str, d
     vae = load_vae(name, parts=("decoder",), device=device, dtype=dtype, backend=backend)
     mod = vae.parts["decoder"].module
     if steps is not None or seed is not None:
-        if not hasattr(mod, "steps"):
+        if not vae.sampling:
             raise UsageError(f"--steps/--seed apply to diffusion decoders; '{vae.entry.id}' is deterministic")
         if steps is not None:
             if steps < 1:
@@ -615,7 +615,7 @@ def distill_export(
     output: Path = typer.Option(..., "--output", "-o", help="Output .safetensors file."),
     raw: bool = typer.Option(False, "--raw", help="Export the raw student weights instead of their EMA."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher id for the metadata when the "
-                                          "checkpoint does not record it (default taef2)."),
+                                          "checkpoint does not record it (else 'unknown')."),
     data: Optional[str] = typer.Option(None, "--data", help="Training data folder for the metadata when the "
                                        "checkpoint does not record it."),
     force: bool = ForceOpt, as_json: bool = JsonOpt,
@@ -626,39 +626,22 @@ def distill_export(
     """
     import shlex
 
-    import torch
-
     from vaepack import distill as D
     from vaepack.io import check_output
 
     if output.is_dir():
         raise UsageError(f"{output}: -o must be a file, not a folder")
     check_output(output, force)
-    ck = run_dir / "checkpoint.pt"
-    if not ck.is_file():
-        raise VaepackError("no checkpoint.pt", path=str(run_dir), hint="run `vaepack distill` with --out there first")
-    c = torch.load(ck, weights_only=False, map_location="cpu")
-    meta = c.get("meta", {})
-    # Provenance recorded in the checkpoint wins; the options fill what it does not record.
-    stored_teacher = c.get("teacher_id") or c.get("teacher") or meta.get("teacher_id") or meta.get("teacher")
-    stored_data = c.get("data_dir") or meta.get("data_dir")
-    for name, given, stored in (("--teacher", teacher, stored_teacher), ("--data", data, stored_data)):
-        if given is not None and stored is not None and str(given) != str(stored):
-            _note(f"warning: {name} {given} ignored: the checkpoint records {stored}")
-    teacher_id = str(stored_teacher or teacher or "taef2")
-    data_dir = str(stored_data or data or "")
     cmd = "vaepack " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    path = D.export_checkpoint(run_dir, output, teacher_id=teacher_id, data_dir=data_dir, command=cmd,
-                               use_ema=not raw)
-    state = c.get("state", {})
-    res = {"run_dir": str(run_dir), "output": str(path), "weights": "student" if raw else "ema",
-           "family": meta.get("family"), "part": meta.get("part"), "step": state.get("step"),
-           "finished": bool(state.get("finished")), "teacher": teacher_id, "data_dir": data_dir}
+    info = D.export_checkpoint(run_dir, output, teacher_id=teacher, data_dir=data, command=cmd, use_ema=not raw)
+    for key, given in info.pop("ignored").items():
+        _note(f"warning: --{key.replace('_dir', '')} {given} ignored: the checkpoint records {info[key]}")
+    res = {"run_dir": str(run_dir), **info, "weights": "student" if raw else "ema"}
     if as_json:
         _emit_json(res)
     else:
-        _note(f"{run_dir} -> {path}  ({res['part']}, {'raw' if raw else 'EMA'} weights at step {res['step']}"
-              f"{'' if res['finished'] else ', run not finished'})")
+        _note(f"{run_dir} -> {info['output']}  ({info['part']}, {'raw' if raw else 'EMA'} weights at step {info['step']}"
+              f"{'' if info['finished'] else ', run not finished'})")
 
 
 @app.command("train-eps")

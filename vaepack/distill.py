@@ -793,15 +793,20 @@ def prune_tae_decoder(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tenso
     return out
 
 
-def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, teacher_id: str = "unknown",
-                      data_dir: str = "", command: str | None = None, use_ema: bool = True) -> Path:
-    """Export a run's current checkpoint (finished or not) as fp16 safetensors with provenance."""
+def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, teacher_id: str | None = None,
+                      data_dir: str | None = None, command: str | None = None, use_ema: bool = True) -> dict:
+    """Export a run's current checkpoint (finished or not) as fp16 safetensors with provenance.
+
+    The teacher id and data folder the checkpoint records win; ``teacher_id``/``data_dir`` fill in for
+    checkpoints that predate those records. Returns a summary: output path, part, step, finished,
+    teacher, data_dir and ``ignored`` (the given values that disagreed with the recorded ones).
+    """
     from .models import student as sfam, tae
 
     run_dir = Path(run_dir)
     ck = run_dir / "checkpoint.pt"
     if not ck.exists():
-        raise VaepackError("no checkpoint.pt", path=str(run_dir), hint="run the distillation first")
+        raise VaepackError("no checkpoint.pt", path=str(run_dir), hint="run `vaepack distill` with --out there first")
     c = torch.load(ck, weights_only=False, map_location="cpu")
     meta = c["meta"]
     if meta["family"] == "student":
@@ -816,8 +821,14 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, tea
         m.load_state_dict(c["ema" if use_ema else "student"])
         cfg_out = asdict(cfg)
     state = TrainState(**c["state"])
+    ignored = {k: v for k, v, rec in (("teacher", teacher_id, c.get("teacher_id")), ("data_dir", data_dir, c.get("data_dir")))
+               if v is not None and rec is not None and str(v) != str(rec)}
+    teacher_id = str(c.get("teacher_id") or teacher_id or "unknown")
+    data_dir = str(c.get("data_dir") or data_dir or "")
     md = _provenance(teacher_id, data_dir, c["schedule"], state, None, command, meta["family"], meta["part"], cfg_out)
-    return export_safetensors(m.eval(), Path(out), md)
+    path = export_safetensors(m.eval(), Path(out), md)
+    return {"output": str(path), "family": meta["family"], "part": meta["part"], "step": state.step,
+            "finished": state.finished, "teacher": teacher_id, "data_dir": data_dir, "ignored": ignored}
 
 
 def _provenance(teacher_id, data_dir, schedule, state, batch, command, family, part, cfg) -> dict[str, str]:

@@ -104,20 +104,24 @@ class VAE:
             return m
         return L.mean_to_diffusion(m, self.space, self._bn_stats(p.module))
 
+    @property
+    def sampling(self) -> bool:
+        """The decoder is a diffusion sampler: it has ``steps`` (NFE) and ``seed`` to set."""
+        p = self.parts.get("decoder")
+        return p is not None and hasattr(p.module, "steps")
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor, tiler: Tiler | None = None, nfe: int | None = None) -> torch.Tensor:
         """Diffusion-space latents -> [0, 1] images (clamped).
 
-        ``nfe``: sampling steps of a diffusion decoder for this call (its ``steps`` otherwise);
-        a deterministic decoder refuses it."""
+        ``nfe``: sampling steps of a diffusion decoder for this call (its ``steps`` otherwise; the
+        sampler's time grid validates it); a deterministic decoder refuses it."""
         p = self.parts["decoder"]
         if nfe is not None:
-            if not hasattr(p.module, "steps"):
+            if not self.sampling:
                 raise UsageError(f"'{self.entry.id}' has a deterministic decoder: it takes no nfe/--steps")
             if p.runner is not None:
                 raise UsageError("a diffusion decoder's nfe is only set on the torch backend")
-            if nfe < 1:
-                raise UsageError(f"nfe must be >= 1, got {nfe}")
             old = p.module.steps
             p.module.steps = int(nfe)
             try:

@@ -211,7 +211,7 @@ def unfuse_bn(fused: StudentEncoder, calib: torch.Tensor) -> StudentEncoder:
     for key, (mean, var) in stats.items():
         block, conv_name = key.rsplit(".", 1)
         bn = f"{block}.norm{conv_name[-1]}"
-        eps = 1e-5
+        eps = out.get_submodule(bn).eps
         sd[f"{bn}.running_mean"] = mean
         sd[f"{bn}.running_var"] = var
         sd[f"{bn}.weight"] = torch.sqrt(var + eps)
