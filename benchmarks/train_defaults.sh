@@ -1,5 +1,19 @@
 #!/usr/bin/env bash
-# Train vaepack's embedded default models (FLUX.2 latent space) by distilling TAEF2.
+# Train vaepack's embedded FLUX.2-space models by distilling TAEF2.
+#
+#   usage: benchmarks/train_defaults.sh pruned-encoder|pruned-decoder|export-pruned   (the default, vaepack-f2-p64)
+#          benchmarks/train_defaults.sh encoder|decoder|export                        (the paper-000 student, vaepack-f2-s32)
+#
+# The default (generation 3, vaepack-f2-p64) is TAEF2 itself, depth-pruned and distilled back
+# (vaepack.distill.tae_from_teacher): the encoder drops the full-resolution stage and one H/2 block and
+# starts at H/2 with a space-to-depth conv initialized as the exact composition of TAEF2's two stem convs;
+# the decoder keeps (3, 2, 1, 1) of TAEF2's (3, 3, 3, 1) blocks per stage. Both start from TAEF2's
+# weights, so the distillation only has to recover what the dropped layers did (benchmarks/results/distill_defaults.md).
+# The teacher cache (560 views: 2 random windows per image) is shared: the decoder run builds it with the
+# decoded views, the encoder run reuses it (CACHE; the shipped runs used the one of the earlier `decoder` run,
+# same key: data, views, seed). Run pruned-decoder first, or both at once (the encoder then builds its own).
+#
+# Below: the student (vaepack-f2-s32, generation 2 encoder, generation 1 decoder).
 #
 # The shipped encoder is the second generation: a warm-started continuation (--init) of the first
 # generation, with 2 teacher-cached views per image and a lower LR. The shipped decoder is still the
@@ -8,8 +22,8 @@
 # state lives in $RUNS/<run>/ (checkpoint.pt, teacher_cache.pt, train.log). --resume is always passed:
 # it continues an existing run and starts a new one in an empty or missing run dir. Budgets are
 # wall-clock minutes over all sessions (--budget-minutes); EXTRA="--max-minutes N" stops one session early.
-#   usage: benchmarks/train_defaults.sh encoder|decoder|export
 #
+
 # Starting point. --init reads a copy of the first-generation file in $RUNS/init/, made from
 # vaepack/weights/ on first use, so exporting (which replaces vaepack/weights/) never changes where a
 # rerun starts. The copy is only made while vaepack/weights/ still holds the first generation (sha256).
@@ -60,7 +74,36 @@ init_copy() {
   echo "$INIT/$name"
 }
 
+# export_runs RUN:DONE_NAME:OUT_NAME ...: a finished run has already written its export (with the training
+# command in its metadata); an unfinished one is exported from its checkpoint (EMA weights, fp16).
+export_runs() {
+  local pair run done_name out_name
+  for pair in "$@"; do
+    IFS=: read -r run done_name out_name <<< "$pair"
+    if [ -f "$RUNS/$run/$done_name.safetensors" ]; then
+      cp "$RUNS/$run/$done_name.safetensors" "$OUT/$out_name.safetensors.tmp"
+      mv "$OUT/$out_name.safetensors.tmp" "$OUT/$out_name.safetensors"
+    else
+      vaepack distill-export "$RUNS/$run" -o "$OUT/$out_name.safetensors" --teacher taef2 --data "$DATA" --force
+    fi
+    sha256sum "$OUT/$out_name.safetensors"; stat -c '%s bytes' "$OUT/$out_name.safetensors"
+  done
+}
+
+CACHE=${CACHE:-$RUNS/dec-tae/teacher_cache.pt}
 case "${1:-}" in
+  pruned-encoder)
+    vaepack distill --teacher taef2 --data "$DATA" --out "$RUNS/enc-tae" --family tae --width 64 \
+      --config '{"blocks": [0, 2, 3, 3], "stem": "s2d"}' --views-per-image 2 --cache "$CACHE" \
+      --schedule 128:40000,256:6000 --batch 16 --lr 3e-4 --budget-minutes "${ENC_BUDGET:-95}" --threads "$THREADS" \
+      --ckpt-every 100 --resume ${EXTRA:-} ;;
+  pruned-decoder)
+    vaepack distill --part decoder --teacher taef2 --data "$DATA" --out "$RUNS/dec-tae" --width 64 \
+      --config '{"blocks": [3, 2, 1, 1]}' --views-per-image 2 --cache "$CACHE" \
+      --schedule 128:40000,256:6000 --batch 8 --pixel-weight 1.0 --lr 2e-4 --budget-minutes "${DEC_BUDGET:-90}" \
+      --threads "$THREADS" --ckpt-every 100 --resume ${EXTRA:-} ;;
+  export-pruned)
+    export_runs "enc-tae:vaepack-enc-tae64:vaepack-f2-enc-p64" "dec-tae:vaepack-dec-w64:vaepack-f2-dec-p64" ;;
   encoder)
     # Student encoder: paper-000 width 32, 2x2 space-to-depth stem (see benchmarks/results/distill_defaults.md);
     # the folded first generation is unfolded back to BatchNorm (statistics from training crops) and continued.
@@ -82,15 +125,6 @@ case "${1:-}" in
     init_copy vaepack-f2-enc-s32.safetensors >/dev/null  # keep the starting points before replacing them
     init_copy vaepack-f2-dec-w32.safetensors >/dev/null
     # Only the encoder: add "dec3:vaepack-dec-w32:vaepack-f2-dec-w32" once a decoder run beats the shipped one.
-    for pair in "enc3:vaepack-enc-s32:vaepack-f2-enc-s32"; do
-      IFS=: read -r run done_name out_name <<< "$pair"
-      if [ -f "$RUNS/$run/$done_name.safetensors" ]; then
-        cp "$RUNS/$run/$done_name.safetensors" "$OUT/$out_name.safetensors.tmp"
-        mv "$OUT/$out_name.safetensors.tmp" "$OUT/$out_name.safetensors"
-      else
-        vaepack distill-export "$RUNS/$run" -o "$OUT/$out_name.safetensors" --teacher taef2 --data "$DATA" --force
-      fi
-      sha256sum "$OUT/$out_name.safetensors"; stat -c '%s bytes' "$OUT/$out_name.safetensors"
-    done ;;
-  *) echo "usage: $0 encoder|decoder|export" >&2; exit 2 ;;
+    export_runs "enc3:vaepack-enc-s32:vaepack-f2-enc-s32" ;;
+  *) echo "usage: $0 pruned-encoder|pruned-decoder|export-pruned|encoder|decoder|export" >&2; exit 2 ;;
 esac

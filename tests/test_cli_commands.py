@@ -50,6 +50,59 @@ def test_roundtrip_backend_onnxruntime_matches_torch(run_cli, photo_crop, one_th
     assert res["onnxruntime"] == pytest.approx(res["torch"], abs=0.01)
 
 
+def _runtime_of(run_cli, *args) -> tuple[dict, float]:
+    code, out, err = run_cli("roundtrip", *args, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    return res["runtime"], res["ok"][0]["psnr"]
+
+
+def test_default_backend_is_auto_and_says_what_ran(run_cli, photo_crop, one_thread):
+    """No --backend: the fastest installed path at the model's safe precision (runtime.best_cpu_choice),
+    reported in --json, within bf16 tolerance of torch fp32."""
+    from vaepack import runtime as R
+    from vaepack.manifest import get_model
+
+    name, prec = R.best_cpu_choice(get_model("taef2"))
+    rt, psnr = _runtime_of(run_cli, photo_crop, "-m", "taef2")
+    assert rt == {"encoder": {"backend": name, "dtype": prec}, "decoder": {"backend": name, "dtype": prec}}
+    ref_rt, ref = _runtime_of(run_cli, photo_crop, "-m", "taef2", "--backend", "torch")
+    assert ref_rt["encoder"] == {"backend": "torch", "dtype": "fp32"}  # explicit backend: fp32 by default
+    assert psnr == pytest.approx(ref, abs=0.1)
+    # an explicit --dtype is kept under auto
+    rt, _ = _runtime_of(run_cli, photo_crop, "-m", "taef2", "--dtype", "fp32")
+    assert rt["decoder"] == {"backend": name, "dtype": "fp32"}
+
+
+def test_auto_without_openvino_falls_back_to_torch(run_cli, photo_crop, one_thread, monkeypatch):
+    import sys
+
+    from vaepack import runtime as R
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if vaepack[openvino] were not installed
+    rt, _ = _runtime_of(run_cli, photo_crop, "-m", "taef2")
+    assert rt["encoder"] == {"backend": "torch", "dtype": "bf16" if R.cpu_has_native_bf16() else "fp32"}
+    # the student's bf16 round trip loses > 0.1 dB (manifest bf16_safe: false): fp32 there
+    rt, _ = _runtime_of(run_cli, photo_crop, "-m", "vaepack-f2-s32", "--scale", "1.5")
+    assert rt["encoder"] == {"backend": "torch", "dtype": "fp32"}
+
+
+def test_auto_falls_back_when_the_backend_cannot_take_the_model(run_cli, photo_crop, one_thread, monkeypatch):
+    from vaepack import runtime as R
+    from vaepack.errors import ExportError
+
+    monkeypatch.setattr(R, "best_cpu_choice", lambda entry=None: ("openvino", "fp32"))
+
+    def refuse(*a, **k):
+        raise ExportError("this graph does not convert")
+
+    monkeypatch.setattr(R, "get_backend", refuse)
+    rt, _ = _runtime_of(run_cli, photo_crop, "-m", "taef2")
+    assert rt["encoder"] == {"backend": "torch", "dtype": "fp32"}
+    code, _, err = run_cli("roundtrip", photo_crop, "-m", "taef2", "--backend", "openvino")
+    assert code == 1 and "does not convert" in err  # an explicit backend does not fall back
+
+
 def test_unknown_backend_is_usage_error(run_cli, photo_crop, clean_error):
     code, _, err = run_cli("roundtrip", photo_crop, "-m", "taef2", "--backend", "tflite")
     assert code == 2
@@ -178,3 +231,26 @@ def test_distill_resume_starts_a_new_run_then_exports(run_cli, tmp_path, clean_e
     code, stdout, err = run_cli("distill-export", out, "-o", tmp_path / "e.safetensors", "--json")
     assert code == 0, err
     assert json.loads(stdout)["finished"] is True
+
+
+def test_distill_family_tae_warm_starts_from_the_teacher(run_cli, tmp_path, clean_error, shared_weights, one_thread):
+    """`--family tae` + a depth-pruned config: the student starts as TAEF2 minus the dropped blocks."""
+    from safetensors import safe_open
+
+    from test_distill import _images
+
+    data = _images(tmp_path / "data", n=2)
+    out = tmp_path / "enc"
+    code, _, err = run_cli("distill", "--teacher", "taef2", "--data", data, "--out", out, "--family", "tae",
+                           "--width", "64", "--config", '{"blocks": [0, 1, 1, 1], "stem": "s2d"}',
+                           "--schedule", "32:2", "--batch", "2", "--threads", "1", "--fp32")
+    assert code == 0, err
+    with safe_open(str(out / "vaepack-enc-tae64.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["config"])["blocks"] == [0, 1, 1, 1]
+    code, _, err = run_cli("distill", "--teacher", "taef2", "--data", data, "--out", tmp_path / "e2", "--family",
+                           "tae", "--width", "32", "--config", '{"blocks": [0, 1, 1, 1], "stem": "s2d"}')
+    assert code == 2
+    clean_error(err, "width")
+    code, _, err = run_cli("distill", "--part", "decoder", "--family", "tae", "--data", data, "--out", tmp_path / "e3")
+    assert code == 2
+    clean_error(err, "--family")

@@ -243,3 +243,73 @@ def test_decoder_init_loads_strictly(tmp_path, capture_student):
     with pytest.raises(VaepackError, match="init weights not found"):
         distill.run_distill_decoder(_teacher(), tdec, data, tmp_path / "run3", width=8,
                                     init=tmp_path / "nope.safetensors", **kw)
+
+
+# ------------------------------------------------------------- depth-pruned TAE students (tae_from_teacher)
+def _tae_teacher(part, seed=3, width=16, lc=4):
+    torch.manual_seed(seed)
+    cfg = tae.TAEConfig(kind="f8", latent_channels=lc, width=width, midblock_gn=True)
+    m = tae.build(part, cfg).eval()
+    for p in m.parameters():  # non-trivial biases, so the composed stem bias is checked too
+        p.data.add_(torch.randn_like(p) * 0.05)
+    return m, cfg
+
+
+def test_pruned_tae_config_is_validated():
+    with pytest.raises(ValueError, match="blocks"):
+        tae.TAEConfig(blocks=(1, 2, 3))
+    with pytest.raises(ValueError, match="s2d"):
+        tae.TAEConfig(stem="s2d")  # keeps the full-resolution block
+    assert tae.TAEConfig(blocks=[0, 2, 3, 3], stem="s2d").blocks == (0, 2, 3, 3)  # YAML list -> tuple
+
+
+def test_s2d_stem_is_the_exact_composition_of_the_teacher_stem():
+    t, tcfg = _tae_teacher("encoder")
+    cfg = tae.TAEConfig(kind="f8", latent_channels=4, width=16, midblock_gn=True, blocks=(0, 1, 3, 3), stem="s2d")
+    m = tae.build("encoder", cfg).eval()
+    m.load_state_dict(distill.tae_from_teacher(t.state_dict(), "encoder", cfg, tcfg))
+    x = torch.rand(2, 3, 40, 48)
+    with torch.no_grad():
+        ref = t[2](t[0](x))  # the teacher's stem conv then its stride-2 conv, without the dropped block
+        got = m[1](m[0](x))
+        torch.testing.assert_close(got[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(got, ref, atol=1e-3)  # only borders differ (zero padding of the teacher's conv0)
+        # kept layers are the teacher's: the H/2 stage's first block and everything from H/4 on
+        torch.testing.assert_close(m[2](got), t[3](got))
+        z = m[2](got)
+        torch.testing.assert_close(m[3:](z), t[6:](z))
+
+
+def test_depth_pruned_decoder_keeps_the_first_blocks_per_stage():
+    t, tcfg = _tae_teacher("decoder")
+    cfg = tae.TAEConfig(kind="f8", latent_channels=4, width=16, midblock_gn=True, blocks=(3, 2, 1, 1))
+    m = tae.build("decoder", cfg).eval()
+    m.load_state_dict(distill.tae_from_teacher(t.state_dict(), "decoder", cfg, tcfg))
+    keep = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17, 18, 19]  # teacher indices (drops s1.b2, s2.b1, s2.b2)
+    ref = torch.nn.Sequential(*[t[i] for i in keep])
+    z = torch.randn(1, 4, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(m(z), ref(z))
+    with pytest.raises(UsageError, match="width"):
+        distill.tae_from_teacher(t.state_dict(), "decoder", tae.TAEConfig(latent_channels=4, width=8, blocks=(3, 2, 1, 1)), tcfg)
+
+
+def test_pruned_tae_encoder_distills_and_exports(tmp_path):
+    data = _images(tmp_path / "data", n=2)
+    t, tcfg = _tae_teacher("encoder", width=8)
+    losses = []
+    out = distill.run_distill(t, data, tmp_path / "run", width=8, family="tae", init_from_teacher=True,
+                              teacher_config=tcfg, student_config={"blocks": [0, 1, 1, 1], "stem": "s2d"},
+                              schedule=[(32, 20)], batch=4, lr=3e-3, warmup=2, threads=1, bf16=False,
+                              progress=lambda p: p["phase"] == "train" and losses.append(p["step_loss"]))
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    with safe_open(str(out), "pt") as f:
+        md = f.metadata()
+    assert md["vaepack_family"] == "tae" and md["vaepack_part"] == "encoder"
+    cfg = tae.TAEConfig(**json.loads(md["config"]))
+    assert cfg.stem == "s2d" and cfg.blocks == (0, 1, 1, 1)
+    m = tae.build("encoder", cfg)
+    m.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()})
+    assert m(torch.rand(1, 3, 64, 48)).shape == (1, 4, 8, 6)
+    with pytest.raises(UsageError, match="init-from-teacher"):
+        distill.run_distill(t, data, tmp_path / "r2", family="student", init_from_teacher=True, teacher_config=tcfg)

@@ -107,6 +107,34 @@ def test_tiled_matches_untiled_on_a_dev_photo(vae, photo):
     assert psnr(y_u, photo) > 25
 
 
+def test_tiled_matches_untiled_for_the_default_model(photo):
+    """The default's encoder starts with a space-to-depth conv (no full-resolution stage): tiles still line up."""
+    from vaepack.vae import load_vae
+
+    v = load_vae("default", device="cpu", backend="torch")
+    tiles = P.TileOptions(budget=128 * 128, tile=128, overlap=32)
+    y_t = P.decode_record(v, P.encode_tensor(v, photo, scale=1.5, tiles=tiles), tiles=tiles)
+    y_u = P.decode_record(v, P.encode_tensor(v, photo, scale=1.5), tiles=P.TileOptions(budget=0))
+    assert psnr(y_t, y_u) > 40 and psnr(y_u, photo) > 25
+
+
+def test_tiled_runs_bypass_a_runner(shared_weights, photo):
+    """A runtime backend (OpenVINO, ONNX Runtime) takes whole images; a tiled run uses the torch split
+    instead (a tiled whole-network runner would see GroupNorm statistics per tile)."""
+    from vaepack.vae import load_vae
+
+    v = load_vae("taef2", device="cpu")
+    calls = []
+    for part in ("encoder", "decoder"):
+        v.parts[part].runner = lambda t, part=part: calls.append(part) or torch.zeros(0)
+    tiles = P.TileOptions(budget=128 * 128, tile=128, overlap=32)
+    rec = P.encode_tensor(v, photo, tiles=tiles)
+    y = P.decode_record(v, rec, tiles=tiles)
+    assert calls == [] and psnr(y, photo) > 25
+    x = smooth_image(32, 32)
+    assert v.encode(x[None]).numel() == 0 and calls == ["encoder"]  # untiled: the runner
+
+
 # --------------------------------------------------------------------------- latent files
 def test_latent_file_round_trip(vae, tmp_path):
     x = smooth_image(45, 67, seed=2)

@@ -109,6 +109,11 @@ def _run_each(items: Iterable, fn: Callable[[Any], dict | list[dict]], keep_goin
     return rep
 
 
+def _runtime(vae, part: str) -> dict:
+    """Which backend and precision actually ran a part (--backend auto decides per model)."""
+    return {"backend": vae.parts[part].backend, "dtype": vae.dtype}
+
+
 def _finish(rep: BatchReport, as_json: bool, extra: dict | None = None) -> None:
     if as_json:
         _emit_json({"ok": rep.ok, "failed": rep.failed, **(extra or {})})
@@ -153,8 +158,13 @@ def _tiles(tile_budget: Optional[int], tile_size: int, tile_overlap: int):
 ModelOpt = typer.Option("default", "--model", "-m", help="Model id or alias from weights_manifest.yaml.")
 DtypeOpt = typer.Option("fp32", "--dtype", help="fp32, bf16 (autocast + channels_last on CPU) or fp16.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-BackendOpt = typer.Option("torch", "--backend", help="torch, onnxruntime, openvino, tensorrt, or auto (the "
-                          "fastest installed CPU path; changes --dtype to its precision).")
+# encode/decode/roundtrip: --backend auto (the default) takes the fastest installed CPU path that keeps the
+# model's round-trip quality (vaepack.runtime.best_cpu_choice: OpenVINO if `vaepack[openvino]` is installed,
+# else torch; bf16 only where the manifest does not mark the model bf16_safe: false); torch on CUDA.
+RunDtypeOpt = typer.Option(None, "--dtype", help="fp32, bf16 (autocast + channels_last on CPU) or fp16; default: "
+                           "the --backend auto choice, else fp32.")
+BackendOpt = typer.Option("auto", "--backend", help="auto (default: the fastest installed CPU path within 0.1 dB "
+                          "of fp32), torch, onnxruntime, openvino or tensorrt.")
 ForceOpt = typer.Option(False, "--force", help="Overwrite existing outputs.")
 KeepOpt = typer.Option(False, "--keep-going", help="Continue past bad inputs and print a summary.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout.")
@@ -182,7 +192,7 @@ def encode(
     filter: str = typer.Option("bilinear", "--filter", help="Resize filter: bilinear, bicubic, nearest, area."),
     fmt: str = typer.Option("vaepack", "--format", help="vaepack (.latent.safetensors) or comfyui (.latent)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images of equal size per forward pass."),
-    dtype: str = DtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
+    dtype: Optional[str] = RunDtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
     keep_going: bool = KeepOpt,
     tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
     max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt,
@@ -227,7 +237,7 @@ def encode(
 
     groups = _group_by_size(paths, batch_size, _loader(max_pixels))  # lazy: one group in memory at a time
     rep = _run_each(groups, one_group, keep_going, "encode", key=lambda g: str(g[0][0]), total=len(paths))
-    _finish(rep, as_json, {"model": vae.entry.id, "scale": scale})
+    _finish(rep, as_json, {"model": vae.entry.id, "scale": scale, **_runtime(vae, "encoder")})
 
 
 def _output_paths(paths: list[Path], output: Optional[Path], suffix: str) -> dict[Path, Path]:
@@ -253,7 +263,7 @@ def _output_paths(paths: list[Path], output: Optional[Path], suffix: str) -> dic
 
 
 # --------------------------------------------------------------------------- decode
-def _decoder_vae(model: Optional[str], decoder: Optional[str], rec_model: str, device: str, dtype: str,
+def _decoder_vae(model: Optional[str], decoder: Optional[str], rec_model: str, device: str, dtype: Optional[str],
                  steps: Optional[int], seed: Optional[int], backend: str = "torch"):
     from vaepack.vae import load_vae
 
@@ -283,7 +293,7 @@ def decode(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (diffusion decoders)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed (diffusion decoders)."),
     native: bool = typer.Option(False, "--native", help="Keep the decoded resolution (no crop/downsample)."),
-    dtype: str = DtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
+    dtype: Optional[str] = RunDtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
     keep_going: bool = KeepOpt,
     tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
     as_json: bool = JsonOpt,
@@ -311,7 +321,8 @@ def decode(
         save_image(outs[p], y, force=force)
         if not as_json:
             _note(f"{p} -> {outs[p]}  {y.shape[-1]}x{y.shape[-2]}")
-        return {"input": str(p), "output": str(outs[p]), "size": [y.shape[-1], y.shape[-2]]}
+        return {"input": str(p), "output": str(outs[p]), "size": [y.shape[-1], y.shape[-2]],
+                **_runtime(cache[key], "decoder")}
 
     rep = _run_each(paths, one, keep_going, "decode")
     _finish(rep, as_json)
@@ -330,7 +341,7 @@ def roundtrip(
     compare: Optional[Path] = typer.Option(None, "--compare", help="Write a side-by-side image (original | "
                                            "reconstruction); a directory when there are several inputs."),
     save: Optional[Path] = typer.Option(None, "--save", help="Write reconstructions (file or directory)."),
-    dtype: str = DtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
+    dtype: Optional[str] = RunDtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
     keep_going: bool = KeepOpt,
     tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
     max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt,
@@ -386,7 +397,8 @@ def roundtrip(
         if len(rep.ok) > 1:
             t.add_row("mean", *fmt(mean))
         _stdout().print(t)
-    _finish(rep, as_json, {"encoder": enc.entry.id, "decoder": dec.entry.id, "scale": scale, "mean": mean})
+    _finish(rep, as_json, {"encoder": enc.entry.id, "decoder": dec.entry.id, "scale": scale, "mean": mean,
+                           "runtime": {"encoder": _runtime(enc, "encoder"), "decoder": _runtime(dec, "decoder")}})
 
 
 # --------------------------------------------------------------------------- weights
@@ -547,6 +559,8 @@ def distill(
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, teacher cache, log, exported weights."),
     part: str = typer.Option("encoder", "--part", help="encoder (paper 000 student) or decoder (small TAE "
                              "decoder distilled from the teacher's decoder + a pixel loss)."),
+    family: str = typer.Option("student", "--family", help="Encoder: student (paper 000, section III-B) or tae "
+                               "(a TAE encoder, e.g. the teacher depth-pruned: --config '{\"blocks\": [0,2,3,3], \"stem\": \"s2d\"}')."),
     width: int = typer.Option(32, "--width", help="Student width (channels after the stem)."),
     config: str = typer.Option("{}", "--config", help="JSON: more StudentConfig / TAEConfig fields."),
     schedule: str = typer.Option("128:10000,256:10000", "--schedule", help="CROP:STEPS stages (paper: 128 then 256)."),
@@ -554,7 +568,8 @@ def distill(
     lr: float = typer.Option(7.5e-4, "--lr", help="Adam learning rate (paper: 7.5e-4)."),
     pixel_weight: float = typer.Option(1.0, "--pixel-weight", help="Decoder: weight of the L1 loss to the image."),
     init_from_teacher: bool = typer.Option(True, "--init-from-teacher/--random-init",
-                                           help="Decoder: warm start from the teacher decoder's strongest channels."),
+                                           help="TAE students (decoders, --family tae encoders): warm start from the "
+                                           "teacher (fewer blocks: its first blocks per stage; narrower: its strongest channels)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop cleanly after N minutes."),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Total wall-clock budget over "
@@ -573,6 +588,7 @@ def distill(
     import shlex
 
     from vaepack import distill as D
+    from vaepack.loader import make_config
     from vaepack.vae import TeacherDecoder, TeacherEncoder, load_vae
 
     if part not in ("encoder", "decoder"):
@@ -586,9 +602,12 @@ def distill(
     D.list_images(data)  # bad --data fails before any model loads
     _check_resume(out, resume)
     tvae = load_vae(teacher, parts=("encoder", "decoder") if part == "decoder" else ("encoder",), device=device)
-    if part == "decoder" and init_from_teacher and tvae.entry.part("decoder").family != "tae":
-        raise UsageError(f"--init-from-teacher needs a TAE-family teacher decoder; '{tvae.entry.id}' is "
-                         f"'{tvae.entry.part('decoder').family}' (use --random-init)")
+    if family not in ("student", "tae") or (family != "student" and part == "decoder"):
+        raise UsageError(f"--family must be student or tae (encoders only), got '{family}'")
+    warm = init_from_teacher and init is None and (part == "decoder" or family == "tae")
+    if warm and tvae.entry.part(part).family != "tae":
+        raise UsageError(f"--init-from-teacher needs a TAE-family teacher {part}; '{tvae.entry.id}' is "
+                         f"'{tvae.entry.part(part).family}' (use --random-init)")
     tenc = TeacherEncoder(tvae, sample=True, seed=seed)
     cmd = "vaepack " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     common = dict(schedule=sched, batch=batch, lr=lr, max_minutes=max_minutes, ckpt_every=ckpt_every, seed=seed,
@@ -597,10 +616,12 @@ def distill(
     prog, cb = _train_progress(f"distill {part}")
     with prog:
         if part == "encoder":
-            path = D.run_distill(tenc, data, out, width=width, student_config=extra, progress=cb, **common)
+            tcfg = make_config(tvae.entry.part("encoder"), tvae.entry.id) if warm else None
+            path = D.run_distill(tenc, data, out, width=width, student_config=extra, progress=cb, family=family,
+                                 init_from_teacher=warm, teacher_config=tcfg, **common)
         else:
             path = D.run_distill_decoder(tenc, TeacherDecoder(tvae), data, out, width=width, decoder_config=extra,
-                                         pixel_weight=pixel_weight, init_from_teacher=init_from_teacher,
+                                         pixel_weight=pixel_weight, init_from_teacher=warm,
                                          progress=cb, **common)
     if path.name == "checkpoint.pt":
         _note(f"stopped before the schedule ended; checkpoint {path} (rerun with --resume to continue); "

@@ -396,7 +396,8 @@ def _train(
                 continue
             cached = torch.load(cand, weights_only=False)
             ck = cached.get("key", {})
-            if ck == key:
+            if ck == key or (teacher_decoder is None and {**ck, "decoder": False} == key):
+                # (an encoder run can reuse a decoder run's cache: the decoded images are unused extras)
                 pool = _pool_from_state(cached["pool"])
             elif teacher_decoder is not None and {**ck, "decoder": True} == key:
                 # Reuse another run's teacher latents (e.g. the encoder run's) and add decoded views.
@@ -633,29 +634,48 @@ def run_distill(
     cache: str | os.PathLike | None = None,
     init: str | os.PathLike | None = None,
     views_per_image: int = 1,
+    family: str = "student",
+    init_from_teacher: bool = False,
+    teacher_config=None,
 ) -> Path:
-    """Distill a ``student`` encoder from ``teacher`` (images [0,1] -> latent at H/8).
+    """Distill an encoder from ``teacher`` (images [0,1] -> latent at H/8).
 
-    ``out_dir`` is the run directory (checkpoint, teacher cache, log); calling again resumes. Returns
-    the exported fp16 safetensors (BatchNorm folded) once the schedule is complete, else the
-    checkpoint path (stopped by ``max_minutes`` or Ctrl-C).
+    ``family`` "student" is the paper-000 student (section III-B); "tae" is a TAE encoder, usually a
+    depth-pruned copy of a TAE teacher (``student_config`` e.g. ``{"blocks": [0, 2, 3, 3], "stem":
+    "s2d"}``) warm-started from it with ``init_from_teacher`` (needs ``teacher_config``, the
+    teacher's TAEConfig). ``out_dir`` is the run directory (checkpoint, teacher cache, log); calling
+    again resumes. Returns the exported fp16 safetensors (BatchNorm folded) once the schedule is
+    complete, else the checkpoint path (stopped by ``max_minutes`` or Ctrl-C).
     """
-    from .models import student as fam
+    from .models import student as sfam, tae
 
+    if family not in ("student", "tae"):
+        raise UsageError(f"encoder family must be 'student' or 'tae', got {family!r}")
+    if init_from_teacher and (family != "tae" or teacher_config is None or init):
+        raise UsageError("--init-from-teacher warm-starts a 'tae' student from a TAE teacher (and excludes --init)")
     if latent_channels is None:
         with torch.no_grad():
             latent_channels = teacher.float().cpu()(torch.zeros(1, 3, 16, 16)).shape[1]
     kw = {"width": width, **(student_config or {}), "latent_channels": latent_channels}
-    cfg = fam.StudentConfig(**kw)
-    model = fam.build("encoder", cfg)
-    if init and cfg.norm == "batch" and not cfg.fused:
-        # A shipped student is BatchNorm-folded: rebuild its BatchNorms from data statistics.
-        folded = fam.build("encoder", replace(cfg, fused=True))
-        _load_init(folded, init)
-        model = fam.unfuse_bn(folded, _calibration_batch(data_dir, seed))
-    elif init:
-        _load_init(model, init)
-    meta = {"family": "student", "part": "encoder", "config": asdict(cfg)}
+    if family == "tae":
+        cfg = tae.TAEConfig(**{"kind": "f8", "midblock_gn": True, **kw})
+        model = tae.build("encoder", cfg)
+        if init_from_teacher:
+            tsd = (teacher.module if hasattr(teacher, "module") else teacher).float().cpu().state_dict()
+            model.load_state_dict(tae_from_teacher(tsd, "encoder", cfg, teacher_config))
+        elif init:
+            _load_init(model, init)
+    else:
+        cfg = sfam.StudentConfig(**kw)
+        model = sfam.build("encoder", cfg)
+        if init and cfg.norm == "batch" and not cfg.fused:
+            # A shipped student is BatchNorm-folded: rebuild its BatchNorms from data statistics.
+            folded = sfam.build("encoder", replace(cfg, fused=True))
+            _load_init(folded, init)
+            model = sfam.unfuse_bn(folded, _calibration_batch(data_dir, seed))
+        elif init:
+            _load_init(model, init)
+    meta = {"family": family, "part": "encoder", "config": asdict(cfg)}
     ema, state, run_dir = _train(
         kind="encoder", student=model, student_meta=meta, teacher=teacher, teacher_decoder=None, data_dir=data_dir,
         run_dir=out_dir, schedule=schedule, batch=batch, lr=lr, warmup=warmup, lr_final=lr_final, lr_kind=lr_kind,
@@ -664,9 +684,13 @@ def run_distill(
         budget_minutes=budget_minutes, cache=cache, view_max_side=view_max_side)
     if not state.finished:
         return run_dir / "checkpoint.pt"
-    fused = fam.fuse_bn(ema.float().cpu().to(memory_format=torch.contiguous_format))
-    md = _provenance(teacher_id, data_dir, schedule, state, batch, command, "student", "encoder", asdict(fused.cfg))
-    return export_safetensors(fused, run_dir / (export_name or f"vaepack-enc-s{width}.safetensors"), md)
+    out = ema.float().cpu().to(memory_format=torch.contiguous_format)
+    if family == "student":
+        out = sfam.fuse_bn(out)
+        cfg = out.cfg
+    md = _provenance(teacher_id, data_dir, schedule, state, batch, command, family, "encoder", asdict(cfg))
+    name = export_name or (f"vaepack-enc-s{width}.safetensors" if family == "student" else f"vaepack-enc-tae{width}.safetensors")
+    return export_safetensors(out, run_dir / name, md)
 
 
 def run_distill_decoder(
@@ -722,7 +746,16 @@ def run_distill_decoder(
     if init:
         _load_init(model, init)
     elif init_from_teacher:
-        model.load_state_dict(prune_tae_decoder(teacher_decoder.float().cpu().state_dict(), cfg))
+        tsd = teacher_decoder.float().cpu().state_dict()
+        t_width = tsd["1.weight"].shape[0]
+        if cfg.width == t_width:  # same width, fewer blocks: depth pruning (far better start, see tae_from_teacher)
+            tcfg = tae.TAEConfig(kind="f8", latent_channels=latent_channels, width=t_width,
+                                 midblock_gn=any(".pool." in k for k in tsd))
+            model.load_state_dict(tae_from_teacher(tsd, "decoder", cfg, tcfg))
+        elif cfg.blocks is not None:
+            raise UsageError("a decoder warm start prunes either width or blocks, not both")
+        else:
+            model.load_state_dict(prune_tae_decoder(tsd, cfg))
     meta = {"family": "tae", "part": "decoder", "config": asdict(cfg)}
     ema, state, run_dir = _train(
         kind="decoder", student=model, student_meta=meta, teacher=teacher_encoder, teacher_decoder=teacher_decoder,
@@ -790,6 +823,47 @@ def prune_tae_decoder(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tenso
     missing = names - set(out)
     if missing:
         raise ValueError(f"prune_tae_decoder: unhandled tensors {sorted(missing)[:4]}")
+    return out
+
+
+@torch.no_grad()
+def tae_from_teacher(sd: dict[str, torch.Tensor], part: str, cfg, teacher_cfg) -> dict[str, torch.Tensor]:
+    """Warm start of a depth-pruned TAE ``cfg`` (fewer blocks per stage, same width) from a teacher's state dict.
+
+    Layers are matched by role (``tae.roles``: a stage keeps the teacher's first blocks). The ``s2d``
+    encoder stem starts as the exact composition of the teacher's full-resolution conv and its
+    stride-2 conv (both linear, no activation between them once the full-resolution block is dropped):
+    a 5x5 stride-2 kernel, rewritten over the 2x2 space-to-depth grid. Only image borders differ.
+    Dropping blocks costs quality at init (TAEF2, dev crops: decoder (3,2,1,1) 25.4 dB vs 29.5;
+    without the encoder's full-resolution block 18 dB); distillation recovers it from there.
+    """
+    from .models import tae
+
+    if cfg.width != teacher_cfg.width or cfg.latent_channels != teacher_cfg.latent_channels:
+        raise UsageError("a depth-pruned warm start needs the teacher's width and latent channels "
+                         f"({teacher_cfg.width}, {teacher_cfg.latent_channels}); got {cfg.width}, {cfg.latent_channels}")
+    t_idx = {r: i for i, r in enumerate(tae.roles(part, teacher_cfg))}
+    has_params = {k.split(".", 1)[0] for k in tae.build(part, cfg).state_dict()}
+    out: dict[str, torch.Tensor] = {}
+    for i, role in enumerate(tae.roles(part, cfg)):
+        if str(i) not in has_params:
+            continue
+        if role == "s2d.conv":
+            w0, b0, w1 = sd[f"{t_idx['stem']}.weight"], sd[f"{t_idx['stem']}.bias"], sd[f"{t_idx['s1.down']}.weight"]
+            k = torch.zeros(w1.shape[0], w0.shape[1], 6, 6, dtype=w0.dtype)  # 5x5 composite, padded to 6x6
+            for a in range(3):
+                for b in range(3):
+                    k[:, :, a:a + 3, b:b + 3] += torch.einsum("om,mipq->oipq", w1[:, :, a, b], w0)
+            # PixelUnshuffle channel c*4 + dy*2 + dx holds pixel (2r+dy, 2s+dx): tap (ka, kb) of the 3x3
+            # s2d conv reads composite offset (2ka+dy, 2kb+dx).
+            k = k.view(k.shape[0], k.shape[1], 3, 2, 3, 2).permute(0, 1, 3, 5, 2, 4).reshape(k.shape[0], -1, 3, 3)
+            out[f"{i}.weight"] = k
+            out[f"{i}.bias"] = torch.einsum("omab,m->o", w1, b0)
+            continue
+        if role not in t_idx:
+            raise UsageError(f"cannot warm-start layer '{role}' of the pruned {part} from the teacher")
+        j = t_idx[role]
+        out.update({f"{i}.{k[len(str(j)) + 1:]}": v for k, v in sd.items() if k.split(".", 1)[0] == str(j)})
     return out
 
 

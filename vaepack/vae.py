@@ -8,6 +8,7 @@ pixel range and latent convention are applied here, by the functions in vaepack/
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,9 +16,11 @@ import torch
 from torch import nn
 
 from vaepack import latents as L
-from vaepack.errors import UsageError
+from vaepack.errors import BackendUnavailableError, ExportError, UsageError
 from vaepack.loader import family_attr, load_part
 from vaepack.manifest import ModelEntry, Space, get_model
+
+log = logging.getLogger(__name__)
 
 Tiler = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -88,8 +91,10 @@ class VAE:
     def encode(self, x01: torch.Tensor, tiler: Tiler | None = None) -> torch.Tensor:
         """[0, 1] images -> diffusion-space latents. ``tiler(fn, x)`` runs ``fn`` tile by tile."""
         p = self.parts["encoder"]
-        if p.runner is not None:
-            return p.runner(x01) if tiler is None else tiler(p.runner, x01)
+        # A runner (ONNX Runtime, OpenVINO, TensorRT) takes whole images; tiled runs stay on the torch
+        # module, whose split keeps the GroupNorm tail whole (exact tiling; a tiled runner would not be).
+        if p.runner is not None and tiler is None:
+            return p.runner(x01)
         x = L.to_model_range(x01.to(self.device, torch.float32), p.image_range)
         if self.device.type == "cpu" and self.dtype != "fp32":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -128,8 +133,8 @@ class VAE:
                 return self.decode(z, tiler)
             finally:
                 p.module.steps = old
-        if p.runner is not None:
-            return (p.runner(z) if tiler is None else tiler(p.runner, z)).clamp(0, 1)
+        if p.runner is not None and tiler is None:  # tiled: torch, as in encode
+            return p.runner(z).clamp(0, 1)
         z = z.to(self.device, torch.float32)
         if not p.native_is_diffusion:
             z = L.diffusion_to_mean(z, self.space, self._bn_stats(p.module))
@@ -145,15 +150,22 @@ class VAE:
 
 
 def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str | None = None,
-             dtype: str = "fp32", backend: str = "torch") -> VAE:
+             dtype: str | None = "fp32", backend: str = "torch") -> VAE:
     """Load parts of a manifest model. ``backend``: torch, onnxruntime, openvino, tensorrt, or auto
-    (the fastest CPU path that is installed, see vaepack.runtime.best_cpu_choice; torch on CUDA)."""
+    (the fastest CPU path that is installed and keeps the model's quality, see
+    vaepack.runtime.best_cpu_choice; torch on CUDA and for diffusion decoders). ``dtype`` None: auto's
+    precision, else fp32; an explicit ``dtype`` is kept under auto."""
     entry = get_model(model) if isinstance(model, str) else model
     dev = pick_device(device)
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         from vaepack.runtime import best_cpu_choice
 
-        backend, dtype = ("torch", dtype) if dev.type == "cuda" else best_cpu_choice(entry)
+        name, prec = best_cpu_choice(entry)
+        if dev.type == "cuda" or any(entry.part(p).family == "eps" for p in parts):
+            name, prec = "torch", "fp32"  # the eps sampler loop runs in torch; CUDA is torch's own fast path
+        backend, dtype = name, dtype or prec
+    dtype = dtype or "fp32"
     check_dtype(entry, dtype)
     vae = VAE(entry=entry, device=dev, dtype=dtype)
     for part in parts:
@@ -175,8 +187,14 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
         from vaepack.runtime import get_backend
 
         for part in parts:
-            vae.parts[part].runner = get_backend(backend, entry.id, part, dtype, device=str(dev))
-            vae.parts[part].backend = backend
+            try:
+                vae.parts[part].runner = get_backend(backend, entry.id, part, dtype, device=str(dev))
+                vae.parts[part].backend = backend
+            except (BackendUnavailableError, ExportError) as e:
+                if not auto:
+                    raise
+                # auto falls back cleanly: the same precision on torch, with the reason in the log
+                log.warning("%s cannot run %s %s (%s); using torch %s", backend, entry.id, part, e, dtype)
     return vae
 
 

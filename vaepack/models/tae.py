@@ -22,10 +22,30 @@ class TAEConfig:
     # TAEF2 adds a pooled GroupNorm path to the blocks of the encoder's last stage and the
     # decoder's first stage ("midblock GN").
     midblock_gn: bool = False
+    # Blocks per stage, None = upstream: encoder (1, 3, 3, 3) at H, H/2, H/4, H/8; decoder (3, 3, 3, 1) at
+    # h, 2h, 4h, 8h. vaepack's depth-pruned students (warm-started from the teacher, vaepack.distill.
+    # tae_from_teacher) drop blocks.
+    blocks: tuple[int, ...] | None = None
+    # Encoder stem: "conv" (upstream: full-resolution conv, full-resolution stage, stride-2 conv) or
+    # "s2d": 2x2 space-to-depth + one conv straight to H/2 (needs blocks[0] == 0); its conv can start
+    # as the exact composition of the teacher's two stem convs.
+    stem: str = "conv"
 
     def __post_init__(self):
         if self.kind not in ("f8", "f32"):
             raise ValueError(f"TAE kind must be 'f8' or 'f32', got {self.kind!r}")
+        if self.blocks is not None:
+            b = tuple(int(n) for n in self.blocks)
+            object.__setattr__(self, "blocks", b)  # YAML gives a list; keep the config hashable
+            if len(b) != 4 or min(b) < 0:
+                raise ValueError(f"TAE blocks must be 4 counts >= 0 (one per stage), got {list(self.blocks)}")
+        if self.stem not in ("conv", "s2d"):
+            raise ValueError(f"TAE stem must be 'conv' or 's2d', got {self.stem!r}")
+        if self.stem == "s2d" and (self.kind != "f8" or self.stage_blocks("encoder")[0] != 0):
+            raise ValueError("TAE stem 's2d' needs kind 'f8' and no full-resolution blocks (blocks[0] == 0)")
+
+    def stage_blocks(self, part: str) -> tuple[int, ...]:
+        return self.blocks or ((1, 3, 3, 3) if part == "encoder" else (3, 3, 3, 1))
 
     @property
     def factor(self) -> int:
@@ -65,29 +85,54 @@ class Block(nn.Module):
         return self.fuse(self.conv(x) + x)
 
 
-def encoder(cfg: TAEConfig) -> nn.Sequential:
-    c = cfg.width
-    if cfg.kind == "f8":
-        layers: list[nn.Module] = [conv(3, c), Block(c)]
+def _encoder_layers(cfg: TAEConfig) -> list[tuple[str, nn.Module]]:
+    """(role, module) per index; roles name the same layer across depth-pruned configs ("s1.b0" = first
+    block of stage 1), which is how a pruned student is warm-started from its teacher."""
+    c, nb = cfg.width, cfg.stage_blocks("encoder")
+    if cfg.stem == "s2d":
+        layers: list[tuple[str, nn.Module]] = [("s2d", nn.PixelUnshuffle(2)), ("s2d.conv", conv(12, c))]
+    elif cfg.kind == "f8":
+        layers = [("stem", conv(3, c))]
     else:  # f32: two stride-2 convs to H/4 first, then the f8 tail
-        layers = [conv(3, c // 2, stride=2), nn.ReLU(), conv(c // 2, c, stride=2), nn.ReLU(), Block(c)]
-    for stage in range(3):
-        gn = cfg.midblock_gn and stage == 2
-        layers += [conv(c, c, stride=2, bias=False), Block(c, gn), Block(c, gn), Block(c, gn)]
-    layers.append(conv(c, cfg.latent_channels))
-    return nn.Sequential(*layers)
+        layers = [("stem.0", conv(3, c // 2, stride=2)), ("stem.1", nn.ReLU()), ("stem.2", conv(c // 2, c, stride=2)),
+                  ("stem.3", nn.ReLU())]
+    layers += [(f"s0.b{j}", Block(c)) for j in range(nb[0])]
+    for stage in range(1, 4):
+        gn = cfg.midblock_gn and stage == 3
+        if not (stage == 1 and cfg.stem == "s2d"):
+            layers.append((f"s{stage}.down", conv(c, c, stride=2, bias=False)))
+        layers += [(f"s{stage}.b{j}", Block(c, gn)) for j in range(nb[stage])]
+    layers.append(("out", conv(c, cfg.latent_channels)))
+    return layers
+
+
+def _decoder_layers(cfg: TAEConfig) -> list[tuple[str, nn.Module]]:
+    if cfg.kind != "f8":
+        raise ValueError("only f8 TAE decoders exist")
+    if cfg.stem != "conv":
+        raise ValueError("the TAE decoder has no stem option")
+    c, nb = cfg.width, cfg.stage_blocks("decoder")
+    layers: list[tuple[str, nn.Module]] = [("clamp", Clamp()), ("in", conv(cfg.latent_channels, c)), ("in.act", nn.ReLU())]
+    for stage in range(4):
+        gn = cfg.midblock_gn and stage == 0
+        layers += [(f"s{stage}.b{j}", Block(c, gn)) for j in range(nb[stage])]
+        if stage < 3:
+            layers += [(f"s{stage}.up", nn.Upsample(scale_factor=2)), (f"s{stage}.conv", conv(c, c, bias=False))]
+    layers.append(("out", conv(c, 3)))
+    return layers
+
+
+def encoder(cfg: TAEConfig) -> nn.Sequential:
+    return nn.Sequential(*(m for _, m in _encoder_layers(cfg)))
 
 
 def decoder(cfg: TAEConfig) -> nn.Sequential:
-    if cfg.kind != "f8":
-        raise ValueError("only f8 TAE decoders exist")
-    c = cfg.width
-    layers: list[nn.Module] = [Clamp(), conv(cfg.latent_channels, c), nn.ReLU()]
-    for stage in range(3):
-        gn = cfg.midblock_gn and stage == 0
-        layers += [Block(c, gn), Block(c, gn), Block(c, gn), nn.Upsample(scale_factor=2), conv(c, c, bias=False)]
-    layers += [Block(c), conv(c, 3)]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*(m for _, m in _decoder_layers(cfg)))
+
+
+def roles(part: str, cfg: TAEConfig) -> list[str]:
+    """The role of each ``nn.Sequential`` index of ``build(part, cfg)`` (see ``_encoder_layers``)."""
+    return [r for r, _ in (_encoder_layers(cfg) if part == "encoder" else _decoder_layers(cfg))]
 
 
 CONFIGS = {"encoder": TAEConfig, "decoder": TAEConfig}
