@@ -232,7 +232,7 @@ def encode(
             res.append({"input": str(p), "output": str(outs[p]), "latent_shape": list(rec.latent.shape),
                         "orig_size": list(rec.orig_size), "scaled_size": list(rec.scaled_size)})
             if not as_json:
-                _note(f"{p} -> {outs[p]}  latent {tuple(rec.latent.shape[1:])}")
+                _note(f"{p} -> {outs[p]}  latent {tuple(rec.latent.shape[1:])}  ({vae.parts['encoder'].backend} {vae.dtype})")
         return res
 
     groups = _group_by_size(paths, batch_size, _loader(max_pixels))  # lazy: one group in memory at a time
@@ -320,7 +320,7 @@ def decode(
         y = decode_record(cache[key], rec, native=native, tiles=tiles, force=mismatch_ok, path=str(p))
         save_image(outs[p], y, force=force)
         if not as_json:
-            _note(f"{p} -> {outs[p]}  {y.shape[-1]}x{y.shape[-2]}")
+            _note(f"{p} -> {outs[p]}  {y.shape[-1]}x{y.shape[-2]}  ({cache[key].parts['decoder'].backend} {cache[key].dtype})")
         return {"input": str(p), "output": str(outs[p]), "size": [y.shape[-1], y.shape[-2]],
                 **_runtime(cache[key], "decoder")}
 
@@ -383,7 +383,8 @@ def roundtrip(
     if not as_json and rep.ok:
         from rich.table import Table
 
-        t = Table(title=f"{enc.entry.id} -> {dec.entry.id}, scale {scale:g}")
+        ran = {f"{v['backend']} {v['dtype']}" for v in (_runtime(enc, "encoder"), _runtime(dec, "decoder"))}
+        t = Table(title=f"{enc.entry.id} -> {dec.entry.id}, scale {scale:g} ({', '.join(sorted(ran))})")
         t.add_column("image")
         for k in ("PSNR dB", "MSE x1e-4", "SSIM", "MS-SSIM"):
             t.add_column(k, justify="right")
