@@ -313,3 +313,17 @@ def test_pruned_tae_encoder_distills_and_exports(tmp_path):
     assert m(torch.rand(1, 3, 64, 48)).shape == (1, 4, 8, 6)
     with pytest.raises(UsageError, match="init-from-teacher"):
         distill.run_distill(t, data, tmp_path / "r2", family="student", init_from_teacher=True, teacher_config=tcfg)
+
+
+def test_decoder_run_warm_starts_depth_pruned_from_the_teacher_config(tmp_path, capture_student):
+    data = _images(tmp_path / "data", n=1)
+    tdec, tcfg = _tae_teacher("decoder", width=8)
+    tenc = tae.build("encoder", tae.TAEConfig(kind="f8", latent_channels=4, width=8)).eval()
+    kw = dict(width=8, decoder_config={"blocks": [3, 2, 1, 1]}, schedule=[(32, 1)], threads=1, bf16=False)
+    m = capture_student(distill.run_distill_decoder, tenc, tdec, data, tmp_path / "r", teacher_config=tcfg, **kw)
+    cfg = tae.TAEConfig(kind="f8", latent_channels=4, width=8, midblock_gn=True, blocks=(3, 2, 1, 1))
+    ref = distill.tae_from_teacher(tdec.state_dict(), "decoder", cfg, tcfg)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, ref[k])
+    with pytest.raises(UsageError, match="teacher_config"):  # depth pruning needs the teacher's stated architecture
+        distill.run_distill_decoder(tenc, tdec, data, tmp_path / "r2", **kw)

@@ -330,11 +330,6 @@ class _DecodeWith:
         return self._vae.decode(z, tiler, **self._kw)
 
 
-def _takes_nfe(vae) -> bool:
-    """A diffusion decoder: ``VAE.decode(z, nfe=)`` sets its steps for the call."""
-    return bool(getattr(vae, "sampling", False))
-
-
 def _mean_metrics(pairs) -> dict:
     """Per-image metrics averaged over a list of (original, reconstruction)."""
     acc = {"psnr": [], "ssim": [], "ms_ssim": []}
@@ -539,7 +534,7 @@ def _bench_row(reg: _Models, mid, prec, be, part, size, scale, batch, n, dec_id,
         row["input_shape"] = list(shape)
         dkw = {}
         if n is not None:
-            if not _takes_nfe(vae):
+            if not vae.sampling:  # only a diffusion decoder takes decode(z, nfe=)
                 raise UsageError(f"decoder '{network}' takes no --nfe (only diffusion decoders do)")
             dkw = {"nfe": n}
         runner = _factory(be)(vae, part, prec, shape, dkw)

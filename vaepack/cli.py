@@ -114,6 +114,10 @@ def _runtime(vae, part: str) -> dict:
     return {"backend": vae.parts[part].backend, "dtype": vae.dtype}
 
 
+def _ran(vae, part: str) -> str:
+    return "{backend} {dtype}".format(**_runtime(vae, part))
+
+
 def _finish(rep: BatchReport, as_json: bool, extra: dict | None = None) -> None:
     if as_json:
         _emit_json({"ok": rep.ok, "failed": rep.failed, **(extra or {})})
@@ -232,7 +236,7 @@ def encode(
             res.append({"input": str(p), "output": str(outs[p]), "latent_shape": list(rec.latent.shape),
                         "orig_size": list(rec.orig_size), "scaled_size": list(rec.scaled_size)})
             if not as_json:
-                _note(f"{p} -> {outs[p]}  latent {tuple(rec.latent.shape[1:])}  ({vae.parts['encoder'].backend} {vae.dtype})")
+                _note(f"{p} -> {outs[p]}  latent {tuple(rec.latent.shape[1:])}  ({_ran(vae, 'encoder')})")
         return res
 
     groups = _group_by_size(paths, batch_size, _loader(max_pixels))  # lazy: one group in memory at a time
@@ -320,7 +324,7 @@ def decode(
         y = decode_record(cache[key], rec, native=native, tiles=tiles, force=mismatch_ok, path=str(p))
         save_image(outs[p], y, force=force)
         if not as_json:
-            _note(f"{p} -> {outs[p]}  {y.shape[-1]}x{y.shape[-2]}  ({cache[key].parts['decoder'].backend} {cache[key].dtype})")
+            _note(f"{p} -> {outs[p]}  {y.shape[-1]}x{y.shape[-2]}  ({_ran(cache[key], 'decoder')})")
         return {"input": str(p), "output": str(outs[p]), "size": [y.shape[-1], y.shape[-2]],
                 **_runtime(cache[key], "decoder")}
 
@@ -383,8 +387,8 @@ def roundtrip(
     if not as_json and rep.ok:
         from rich.table import Table
 
-        ran = {f"{v['backend']} {v['dtype']}" for v in (_runtime(enc, "encoder"), _runtime(dec, "decoder"))}
-        t = Table(title=f"{enc.entry.id} -> {dec.entry.id}, scale {scale:g} ({', '.join(sorted(ran))})")
+        ran = sorted({_ran(enc, "encoder"), _ran(dec, "decoder")})
+        t = Table(title=f"{enc.entry.id} -> {dec.entry.id}, scale {scale:g} ({', '.join(ran)})")
         t.add_column("image")
         for k in ("PSNR dB", "MSE x1e-4", "SSIM", "MS-SSIM"):
             t.add_column(k, justify="right")
@@ -610,6 +614,7 @@ def distill(
         raise UsageError(f"--init-from-teacher needs a TAE-family teacher {part}; '{tvae.entry.id}' is "
                          f"'{tvae.entry.part(part).family}' (use --random-init)")
     tenc = TeacherEncoder(tvae, sample=True, seed=seed)
+    tcfg = make_config(tvae.entry.part(part), tvae.entry.id) if warm else None  # the manifest states it
     cmd = "vaepack " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     common = dict(schedule=sched, batch=batch, lr=lr, max_minutes=max_minutes, ckpt_every=ckpt_every, seed=seed,
                   device=device, bf16=bf16, threads=threads, teacher_id=tvae.entry.id, command=cmd,
@@ -617,12 +622,11 @@ def distill(
     prog, cb = _train_progress(f"distill {part}")
     with prog:
         if part == "encoder":
-            tcfg = make_config(tvae.entry.part("encoder"), tvae.entry.id) if warm else None
             path = D.run_distill(tenc, data, out, width=width, student_config=extra, progress=cb, family=family,
                                  init_from_teacher=warm, teacher_config=tcfg, **common)
         else:
             path = D.run_distill_decoder(tenc, TeacherDecoder(tvae), data, out, width=width, decoder_config=extra,
-                                         pixel_weight=pixel_weight, init_from_teacher=warm,
+                                         pixel_weight=pixel_weight, init_from_teacher=warm, teacher_config=tcfg,
                                          progress=cb, **common)
     if path.name == "checkpoint.pt":
         _note(f"stopped before the schedule ended; checkpoint {path} (rerun with --resume to continue); "

@@ -727,13 +727,16 @@ def run_distill_decoder(
     cache: str | os.PathLike | None = None,
     init: str | os.PathLike | None = None,
     views_per_image: int = 1,
+    teacher_config=None,
 ) -> Path:
     """Distill a small TAE-family decoder (``vaepack.models.tae`` at ``width``) in the teacher's latent space.
 
     Input: the teacher encoder's latent of a crop's image; loss: L1 to the teacher decoder's image
     (clamped to [0, 1]) + ``pixel_weight`` * L1 to the ground-truth image. ``init_from_teacher``
     starts from the teacher decoder's most important channels (see ``prune_tae_decoder``), which
-    converges far faster than a random init on a CPU budget. ``cache`` may point at an encoder
+    converges far faster than a random init on a CPU budget; with ``teacher_config`` (the teacher's
+    TAEConfig) and the teacher's width it is a depth-pruned copy instead (``tae_from_teacher``), a far
+    better start. ``cache`` may point at an encoder
     run's ``teacher_cache.pt`` made with the same data, views and seed (only the decoder pass is added).
     """
     from .models import tae
@@ -747,13 +750,10 @@ def run_distill_decoder(
         _load_init(model, init)
     elif init_from_teacher:
         tsd = teacher_decoder.float().cpu().state_dict()
-        t_width = tsd["1.weight"].shape[0]
-        if cfg.width == t_width:  # same width, fewer blocks: depth pruning (far better start, see tae_from_teacher)
-            tcfg = tae.TAEConfig(kind="f8", latent_channels=latent_channels, width=t_width,
-                                 midblock_gn=any(".pool." in k for k in tsd))
-            model.load_state_dict(tae_from_teacher(tsd, "decoder", cfg, tcfg))
-        elif cfg.blocks is not None:
-            raise UsageError("a decoder warm start prunes either width or blocks, not both")
+        if cfg.blocks is not None or (teacher_config is not None and cfg.width == teacher_config.width):
+            if teacher_config is None:
+                raise UsageError("a depth-pruned warm start needs the teacher's TAEConfig (teacher_config)")
+            model.load_state_dict(tae_from_teacher(tsd, "decoder", cfg, teacher_config))  # width checked there
         else:
             model.load_state_dict(prune_tae_decoder(tsd, cfg))
     meta = {"family": "tae", "part": "decoder", "config": asdict(cfg)}

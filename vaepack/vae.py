@@ -161,9 +161,10 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
     if auto:
         from vaepack.runtime import best_cpu_choice
 
-        name, prec = best_cpu_choice(entry)
         if dev.type == "cuda" or any(entry.part(p).family == "eps" for p in parts):
             name, prec = "torch", "fp32"  # the eps sampler loop runs in torch; CUDA is torch's own fast path
+        else:
+            name, prec = best_cpu_choice(entry)  # (imports onnx/openvino to see whether they are installed)
         backend, dtype = name, dtype or prec
     dtype = dtype or "fp32"
     check_dtype(entry, dtype)
