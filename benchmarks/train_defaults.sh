@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train vaepack's embedded FLUX.2-space models by distilling TAEF2.
 #
-#   usage: benchmarks/train_defaults.sh pruned-encoder|pruned-decoder|export-pruned   (the default, vaepack-f2-p64)
+#   usage: benchmarks/train_defaults.sh pruned-encoder|pruned-decoder|export-pruned|calibrate-int8   (the default, vaepack-f2-p64)
 #          benchmarks/train_defaults.sh encoder|decoder|export                        (the paper-000 student, vaepack-f2-s32)
 #
 # The default (generation 3, vaepack-f2-p64) is TAEF2 itself, depth-pruned and distilled back
@@ -104,6 +104,17 @@ case "${1:-}" in
       --threads "$THREADS" --ckpt-every 100 --resume ${EXTRA:-} ;;
   export-pruned)
     export_runs "enc-tae:vaepack-enc-tae64:vaepack-f2-enc-p64" "dec-tae:vaepack-dec-w64:vaepack-f2-dec-p64" ;;
+  calibrate-int8)
+    # int8 calibration of the default encoder (vaepack/quantize.py; 64 training photos, one random 256 px crop
+    # each at --scale 1.5). Run after export-pruned: a calibration belongs to one set of weights. Then put the
+    # file's sha256 under int8_calibration in weights_manifest.yaml (only where the measured dev-set round trip
+    # stays within 0.1 dB of fp32: benchmarks/results/int8.md).
+    tmp=$(mktemp -d)
+    VAEPACK_HOME="$tmp" vaepack export default --part encoder --precision int8 --calibration "$DATA" \
+      --calibration-images 64 --calibration-scale 1.5 -o "$tmp/art"
+    cp "$tmp"/int8/vaepack-f2-p64-encoder-*.json "$OUT/vaepack-f2-enc-p64.int8.json"
+    sha256sum "$OUT/vaepack-f2-enc-p64.int8.json"
+    rm -rf "$tmp" ;;
   encoder)
     # Student encoder: paper-000 width 32, 2x2 space-to-depth stem (see benchmarks/results/distill_defaults.md);
     # the folded first generation is unfolded back to BatchNorm (statistics from training crops) and continued.
@@ -126,5 +137,5 @@ case "${1:-}" in
     init_copy vaepack-f2-dec-w32.safetensors >/dev/null
     # Only the encoder: add "dec3:vaepack-dec-w32:vaepack-f2-dec-w32" once a decoder run beats the shipped one.
     export_runs "enc3:vaepack-enc-s32:vaepack-f2-enc-s32" ;;
-  *) echo "usage: $0 pruned-encoder|pruned-decoder|export-pruned|encoder|decoder|export" >&2; exit 2 ;;
+  *) echo "usage: $0 pruned-encoder|pruned-decoder|export-pruned|calibrate-int8|encoder|decoder|export" >&2; exit 2 ;;
 esac

@@ -172,7 +172,7 @@ def test_explicit_onnx_path(zoo, tmp_path):
 # --------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("name,prec,match", [
     ("onnxruntime", "bf16", "no bf16 kernels"),
-    ("openvino", "fp16", "fp32 or bf16"),
+    ("openvino", "fp16", "fp32, bf16 or int8"),
     ("torch", "int8", "precision"),
     ("cuda-magic", "fp32", "unknown backend"),
 ])

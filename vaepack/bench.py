@@ -62,7 +62,7 @@ from vaepack.errors import BackendUnavailableError, UsageError, VaepackError
 
 SCHEMA_VERSION = 1
 PARTS = ("encoder", "decoder")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # int8: onnxruntime/openvino with an int8 calibration
 KNOWN_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 JPEG_QUALITIES = (10, 20, 30, 50, 70, 90)
 WEBP_QUALITIES = (10, 20, 30, 50, 70, 90)

@@ -111,7 +111,7 @@ def _run_each(items: Iterable, fn: Callable[[Any], dict | list[dict]], keep_goin
 
 def _runtime(vae, part: str) -> dict:
     """Which backend and precision actually ran a part (--backend auto decides per model)."""
-    return {"backend": vae.parts[part].backend, "dtype": vae.dtype}
+    return {"backend": vae.parts[part].backend, "dtype": vae.precision(part)}
 
 
 def _ran(vae, part: str) -> str:
@@ -165,8 +165,8 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 # encode/decode/roundtrip: --backend auto (the default) takes the fastest installed CPU path that keeps the
 # model's round-trip quality (vaepack.runtime.best_cpu_choice: OpenVINO if `vaepack[openvino]` is installed,
 # else torch; bf16 only where the manifest does not mark the model bf16_safe: false); torch on CUDA.
-RunDtypeOpt = typer.Option(None, "--dtype", help="fp32, bf16 (autocast + channels_last on CPU) or fp16; default: "
-                           "the --backend auto choice, else fp32.")
+RunDtypeOpt = typer.Option(None, "--dtype", help="fp32, bf16 (autocast + channels_last on CPU), fp16 or int8 "
+                           "(openvino/onnxruntime); default: the --backend auto choice, else fp32.")
 BackendOpt = typer.Option("auto", "--backend", help="auto (default: the fastest installed CPU path within 0.1 dB "
                           "of fp32), torch, onnxruntime, openvino or tensorrt.")
 ForceOpt = typer.Option(False, "--force", help="Overwrite existing outputs.")
@@ -775,7 +775,11 @@ def export(
     part: str = typer.Option("decoder", "--part", help="encoder, decoder or eps-step (diffusion decoders)."),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Write the ONNX graph (always, for --trt)."),
     trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (needs tensorrt + CUDA)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 or int8 (onnxruntime/OpenVINO)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="int8: images (folder/files/glob) to "
+                                              "calibrate on, or a calibration JSON (default: the shipped one)."),
+    calibration_images: int = typer.Option(64, "--calibration-images", help="int8: images used (one random crop each)."),
+    calibration_scale: float = typer.Option(1.5, "--calibration-scale", help="int8: the --scale your encodes use."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: vaepack's)."),
     profile: str = typer.Option("hires-1024", "--profile", help="TensorRT profile name (export/profiles) or file."),
     raw: bool = typer.Option(False, "--raw", help="Leave the latent convention out of the graph (recorded in "
@@ -787,7 +791,15 @@ def export(
     """Export a model part to ONNX (+ sidecar JSON with convention, hashes, parity) and TensorRT."""
     from vaepack import export as X
 
-    kw = {"opset": opset} if opset else {}
+    kw: dict = {"opset": opset} if opset else {}
+    if calibration is not None:
+        from vaepack import quantize as Q
+        from vaepack.manifest import get_model
+
+        if precision != "int8":
+            raise UsageError("--calibration is for --precision int8")
+        kw["calibration"] = Q.prepare_calibration(get_model(model), "decoder" if part == "eps-step" else part,
+                                                  calibration, count=calibration_images, scale=calibration_scale)
     if trt:
         res, engine = X.export_trt(model, part, profile=profile, precision=precision, out_dir=out_dir,
                                    include_convention=not raw, **kw)
@@ -812,7 +824,7 @@ def bench(
     models: str = typer.Option("default", "--models", help="Comma-separated model ids."),
     parts: str = typer.Option("encoder,decoder", "--parts"),
     backends: str = typer.Option("torch", "--backends", help="torch, onnxruntime, openvino, tensorrt."),
-    precision: str = typer.Option("fp32", "--precision", help="Comma-separated: fp32, bf16, fp16."),
+    precision: str = typer.Option("fp32", "--precision", help="Comma-separated: fp32, bf16, fp16, int8."),
     scales: str = typer.Option("1", "--scales"),
     sizes: str = typer.Option("256", "--sizes", help="Square input sizes in pixels."),
     batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes."),

@@ -58,11 +58,18 @@ log = logging.getLogger("vaepack")
 DEFAULT_OPSET = 17  # TensorRT 8.6+/10, OpenVINO and onnxruntime all take it; 18 adds nothing we use
 MIN_OPSET = 14  # scaled_dot_product_attention (KL mid-block) needs 14
 EXPORT_PARTS = ("encoder", "decoder", "eps-step")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+TRT_PRECISIONS = ("fp32", "fp16", "bf16")  # vaepack's int8 graphs have asymmetric activations (TensorRT: symmetric only)
 # Max abs error relative to the reference output's range (max - min). fp32 differs only by summation
 # order. fp16 rounds weights and every activation to 11 significant bits (~5e-4 relative each), bf16
 # to 8 bits (~4e-3); errors grow through ~30 layers, so the limits are ~20x one rounding step.
-TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+# int8 (vaepack/quantize.py): rounding every Conv input to 256 levels moves single latent values by
+# up to a quarter of the latent range (default encoder, dev photos at 1.5x: max |error| / range median
+# 0.14, worst 0.28; rms 15% of the latent std). The bound catches broken graphs (a wrong int8 kernel
+# gave errors above the whole range); the round-trip PSNR, not this bound, decides whether a part
+# may run int8 (the manifest's int8_calibration).
+INT8_TOLERANCE = 0.3
+TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": INT8_TOLERANCE}
 PARITY_SIZES = ((64, 64), (96, 160))  # pixels (H, W): multiples of 32 (f8 and f32), non-square
 SIDECAR_FORMAT = "vaepack.onnx-export"
 ENGINE_FORMAT = "vaepack.tensorrt-engine"
@@ -196,8 +203,9 @@ def weights_digest(entry: ModelEntry, part: str) -> str:
 
 
 def graph_precision(precision: str) -> str:
-    """Dtype of the ONNX graph for a requested precision (bf16 runs on the fp32 graph)."""
-    return "fp16" if precision == "fp16" else "fp32"
+    """Dtype of the ONNX graph for a requested precision (bf16 runs on the fp32 graph; int8 is the
+    QDQ graph of vaepack/quantize.py)."""
+    return precision if precision in ("fp16", "int8") else "fp32"
 
 
 def artifact_name(model_id: str, part: str, precision: str, opset: int, include_convention: bool) -> str:
@@ -455,17 +463,24 @@ def _check_args(entry: ModelEntry, part: str, precision: str, opset: int, export
     if precision == "fp16" and not entry.fp16_safe:
         raise UsageError(f"model '{entry.id}' overflows in fp16 (manifest: fp16_safe: false)",
                          hint="export with --precision bf16 or fp32, or use fp16-fix weights")
+    if precision == "int8" and part == "eps-step":
+        raise UsageError("int8 covers encoders and single-pass decoders, not the eps denoiser step",
+                         hint="export the step fp32 or fp16")
 
 
 def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str | Path | None = None,
                 precision: str = "fp32", opset: int = DEFAULT_OPSET, include_convention: bool = True, *,
                 image: str | Path | None = None, parity_sizes=PARITY_SIZES, exporter: str = "torchscript",
-                name: str | None = None, tolerance: float | None = None, force: bool = True) -> ExportResult:
+                name: str | None = None, tolerance: float | None = None, force: bool = True,
+                calibration: dict | None = None) -> ExportResult:
     """Export one part of a manifest model to ``out_dir/<name>.onnx`` + ``<name>.json``.
 
     Dynamic batch, height and width. The graph passes ``onnx.checker`` (full check) and the parity
     check (``TOLERANCES[precision]`` unless ``tolerance`` is given) before anything is written; both
     files are written atomically, the ONNX file first and the sidecar last.
+
+    int8: the fp32 graph rewritten by ``quantize.quantize_model`` with ``calibration`` (default: the
+    shipped or cached calibration of this part, ``quantize.find_calibration``).
     """
     from vaepack.loader import family_attr, load_part
 
@@ -489,6 +504,15 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
     gprec = graph_precision(precision)
     dtype = torch.float16 if gprec == "fp16" else torch.float32
     net = _reduced_precision_copy(module, dtype) if dtype != torch.float32 else module
+    cal_source = None
+    if precision == "int8":
+        from vaepack import quantize as Q
+
+        if calibration is None:
+            calibration, cal_source = Q.find_calibration(entry, mpart, digest)
+        else:
+            calibration = Q._check_calibration(calibration, "calibration", entry, mpart, digest)
+            cal_source = calibration.get("data", {}).get("source") or "given"
     bn = _bn_stats(entry, module)
     if part == "eps-step":
         include_convention = False
@@ -520,6 +544,13 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
         "factor": entry.space.factor, "size_multiple": mult,
         "inputs": inputs, "outputs": outputs,
     }
+    if calibration is not None:
+        from vaepack.quantize import calibration_sha256
+
+        sc["int8"] = {"calibration_sha256": calibration_sha256(calibration), "calibration_file": cal_source,
+                      "method": calibration.get("method"), "activations": calibration.get("activations"),
+                      "weights": calibration.get("weights"),
+                      "calibration_data": {k: v for k, v in calibration.get("data", {}).items() if k != "files"}}
     # Batch 2 and the largest parity size: the dynamo exporter specializes dimensions of size 1.
     example = _example_inputs(entry, part, max(sizes, key=lambda s: s[0] * s[1]), batch=2)
 
@@ -529,6 +560,11 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
     with atomic_output(onnx_path) as tmp:
         _torch_export(graph, example, tmp, inputs, outputs, opset, exporter)
         model = onnx.load(str(tmp))
+        if calibration is not None:
+            from vaepack.quantize import quantize_model
+
+            model, qstats = quantize_model(model, module, calibration)
+            sc["int8"].update(qstats)
         actual = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
         if actual != opset:  # the dynamo exporter falls back to its native opset when it cannot convert
             log.warning("%s: asked for opset %d, the exporter wrote opset %d", onnx_path.name, opset, actual)
@@ -681,18 +717,22 @@ def _parity(sc: dict, onnx_file: Path, entry: ModelEntry, part: str, module: nn.
             err = float(diff.max()) if torch.isfinite(got).all() else float("inf")
             rng = float(ref.max() - ref.min())
             rel = err / max(rng, 1e-6)
+            # int8: activations outside the calibration range clip by design, so random inputs (noise
+            # images, Gaussian latents) are recorded but only the real image decides.
+            gating = not (precision == "int8" and label == "random")
             checks.append({"input": label, "shape": list(args[0].shape), "max_abs_err": err,
                            "mean_abs_err": float(diff.mean()), "output_range": rng, "rel_err": rel,
-                           "passed": rel <= tol})
+                           "passed": rel <= tol or not gating, "gating": gating})
     if check_prec == "fp16" and "CPUExecutionProvider" in runner.describe():
         # onnxruntime's CPU provider has no fp16 Conv: it casts whole fp16 chains to fp32, so this
         # checks the graph and the fp16 weight rounding, not fp16 arithmetic (the engine check does).
         check_prec = "fp16 weights, fp32 arithmetic (onnxruntime CPU)"
-    worst = max(checks, key=lambda c: c["rel_err"])
+    decisive = [c for c in checks if c["gating"]] or checks
+    worst = max(decisive, key=lambda c: c["rel_err"])
     result = {
         "reference": "torch fp32 (VAE contract)" if part != "eps-step" else "torch fp32 step",
         "runtime": runner.describe(), "precision_checked": check_prec, "tolerance_rel": tol,
-        "max_abs_err": max(c["max_abs_err"] for c in checks), "max_rel_err": worst["rel_err"],
+        "max_abs_err": max(c["max_abs_err"] for c in decisive), "max_rel_err": worst["rel_err"],
         "passed": all(c["passed"] for c in checks), "checks": checks,
     }
     if not result["passed"]:
@@ -771,6 +811,12 @@ def cached_export(model_id: str, part: str, precision: str = "fp32", opset: int 
     gprec = graph_precision(precision)
     digest = weights_digest(entry, _model_part(part))
     key = digest.replace("+", "")[:16]
+    cal = None
+    if gprec == "int8":  # a new calibration is a new graph
+        from vaepack import quantize as Q
+
+        cal = Q.find_calibration(entry, _model_part(part), digest)[0]
+        key += "-cal" + Q.calibration_sha256(cal)[:8]
     name = artifact_name(entry.id, part, gprec, opset, include_convention) + f"-{key}"
     out = export_cache_dir() / entry.id
     path = out / f"{name}.onnx"
@@ -781,7 +827,7 @@ def cached_export(model_id: str, part: str, precision: str = "fp32", opset: int 
         except ExportError as e:
             log.warning("cached export is unusable (%s); exporting again", e)
     return export_onnx(entry, part, out, precision=gprec, opset=opset, include_convention=include_convention,
-                       name=name, **kw)
+                       name=name, calibration=cal, **kw)
 
 
 # --------------------------------------------------------------------------- TensorRT profiles
@@ -885,9 +931,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
     prec: dict[str, tuple[str, ...]] = {}
     for fam, v in (data.get("precision") or {}).items():
         vals = (v,) if isinstance(v, str) else tuple(v or ())
-        bad = [x for x in vals if x not in PRECISIONS]
+        bad = [x for x in vals if x not in TRT_PRECISIONS]
         if bad or not vals:
-            raise UsageError(f"precision.{fam}: {bad or 'empty'} (choose from {', '.join(PRECISIONS)})", path=where)
+            raise UsageError(f"precision.{fam}: {bad or 'empty'} (choose from {', '.join(TRT_PRECISIONS)})", path=where)
         prec[str(fam)] = vals
     try:
         ws = float(data.get("workspace_gb", 4.0))
@@ -940,6 +986,14 @@ def check_profile_shape(profile: Profile, sc: dict, shape: tuple[int, ...]) -> N
 
 
 # --------------------------------------------------------------------------- TensorRT engines
+def _check_trt_precision(chosen: str) -> None:
+    if chosen == "int8":
+        raise UsageError("TensorRT engines are not built int8 here: vaepack's int8 graphs use asymmetric "
+                         "activations, which TensorRT does not take", hint="int8 runs on --backend openvino or onnxruntime")
+    if chosen not in TRT_PRECISIONS:
+        raise UsageError(f"unknown precision '{chosen}' (choose {', '.join(TRT_PRECISIONS)})")
+
+
 def _trt_has(trt, enum: str, member: str) -> bool:
     return hasattr(getattr(trt, enum, None), member)
 
@@ -970,8 +1024,7 @@ def build_trt_engine(onnx_path: str | Path, profile: str | Path | Profile, preci
     if sc["part"] == "eps-step" and precision is None:
         precision = prof.precision_for("eps", sc.get("fp16_safe", True))
     chosen = precision or prof.precision_for(sc["family"], sc.get("fp16_safe", True))
-    if chosen not in PRECISIONS:
-        raise UsageError(f"unknown precision '{chosen}' (choose {', '.join(PRECISIONS)})")
+    _check_trt_precision(chosen)
     if chosen == "fp16" and not sc.get("fp16_safe", True):
         raise UsageError(f"model '{sc['model']}' overflows in fp16 (manifest: fp16_safe: false)",
                          hint="build it with --precision bf16 or fp32, or use fp16-fix weights")
@@ -1066,6 +1119,7 @@ def export_trt(model_id: str, part: str = "decoder", profile: str | Path = "hire
     family = "eps" if part == "eps-step" else entry.part(part).family
     chosen = precision or prof.precision_for(family, entry.fp16_safe)
     _check_args(entry, part, chosen, opset, kw.get("exporter", "torchscript"))
+    _check_trt_precision(chosen)
     require_tensorrt()
     res = export_onnx(entry, part, out_dir, precision=chosen, opset=opset, include_convention=include_convention, **kw)
     return res, build_trt_engine(res.onnx_path, prof, chosen)

@@ -134,6 +134,12 @@ def _encode(vae: VAE, x: torch.Tensor, tiles: TileOptions) -> torch.Tensor:
     return vae.encode(x)
 
 
+def _encoder_precision(vae: VAE, x: torch.Tensor, tiles: TileOptions) -> str:
+    """What a latent file records as its dtype: tiled runs use the torch module (VAE.encode), so
+    they ran at the VAE's dtype even where a runner (e.g. int8) is loaded."""
+    return vae.dtype if tiles.active(x.shape[-2] * x.shape[-1]) else vae.precision("encoder")
+
+
 def _decode(vae: VAE, z: torch.Tensor, tiles: TileOptions) -> torch.Tensor:
     f = vae.factor
     if tiles.active(z.shape[-2] * z.shape[-1] * f * f):
@@ -166,11 +172,12 @@ def encode_tensor(vae: VAE, x: torch.Tensor, scale: float = 1.0, filter: str = "
                   pad_multiple: int | None = None) -> L.LatentRecord:
     """Encode one image (3, H, W) in [0, 1] into a LatentRecord."""
     xp, orig, ssize, pad = prepare(x, vae.factor, scale, filter, source, pad_multiple)
-    z = _encode(vae, xp, tiles or TileOptions())
+    tiles = tiles or TileOptions()
+    z = _encode(vae, xp, tiles)
     return L.LatentRecord(latent=z.cpu(), model=model_id or vae.entry.id, space=vae.space.name,
                           weights_sha256=vae.parts["encoder"].sha256, scale=scale, filter=filter,
                           orig_size=orig, scaled_size=ssize, padding=pad, convention=L.convention(vae.space),
-                          dtype=vae.dtype, source=source)
+                          dtype=_encoder_precision(vae, xp, tiles), source=source)
 
 
 def encode_batch(vae: VAE, xs: list[torch.Tensor], scale: float = 1.0, filter: str = "bilinear",
@@ -181,11 +188,14 @@ def encode_batch(vae: VAE, xs: list[torch.Tensor], scale: float = 1.0, filter: s
     if len(xs) == 1 or len({tuple(x.shape) for x in xs}) != 1:
         return [encode_tensor(vae, x, scale, filter, tiles, s, model_id, pad_multiple) for x, s in zip(xs, sources)]
     prepared = [prepare(x, vae.factor, scale, filter, s, pad_multiple) for x, s in zip(xs, sources)]
-    z = _encode(vae, torch.cat([p[0] for p in prepared]), tiles or TileOptions())
+    tiles = tiles or TileOptions()
+    xb = torch.cat([p[0] for p in prepared])
+    z = _encode(vae, xb, tiles)
+    ran = _encoder_precision(vae, xb, tiles)
     return [L.LatentRecord(latent=z[i:i + 1].cpu(), model=model_id or vae.entry.id, space=vae.space.name,
                            weights_sha256=vae.parts["encoder"].sha256, scale=scale, filter=filter,
                            orig_size=p[1], scaled_size=p[2], padding=p[3], convention=L.convention(vae.space),
-                           dtype=vae.dtype, source=s) for i, (p, s) in enumerate(zip(prepared, sources))]
+                           dtype=ran, source=s) for i, (p, s) in enumerate(zip(prepared, sources))]
 
 
 def check_compatible(rec: L.LatentRecord, vae: VAE, force: bool = False, path: str | None = None) -> None:

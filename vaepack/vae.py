@@ -56,6 +56,7 @@ class Part:
     # set it replaces the torch module (which stays loaded for metadata and export).
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None
     backend: str = "torch"
+    precision: str | None = None  # the runner's, where it differs from VAE.dtype (int8)
 
 
 @dataclass
@@ -75,6 +76,10 @@ class VAE:
 
     def has(self, part: str) -> bool:
         return part in self.parts
+
+    def precision(self, part: str) -> str:
+        """The precision that runs ``part``: its runner's (e.g. int8), else the VAE's dtype."""
+        return self.parts[part].precision or self.dtype
 
     def _autocast(self):
         if self.dtype == "fp32":
@@ -154,10 +159,13 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
     """Load parts of a manifest model. ``backend``: torch, onnxruntime, openvino, tensorrt, or auto
     (the fastest CPU path that is installed and keeps the model's quality, see
     vaepack.runtime.best_cpu_choice; torch on CUDA and for diffusion decoders). ``dtype`` None: auto's
-    precision, else fp32; an explicit ``dtype`` is kept under auto."""
+    precision, else fp32; an explicit ``dtype`` is kept under auto. Under auto with no ``dtype``, a
+    part that ships an int8 calibration (manifest) runs int8 on OpenVINO. ``dtype="int8"`` needs an
+    ONNX backend; the torch modules (kept for tiled runs) then load fp32."""
     entry = get_model(model) if isinstance(model, str) else model
     dev = pick_device(device)
     auto = backend == "auto"
+    part_prec: dict[str, str] = {}
     if auto:
         from vaepack.runtime import best_cpu_choice
 
@@ -165,8 +173,18 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
             name, prec = "torch", "fp32"  # the eps sampler loop runs in torch; CUDA is torch's own fast path
         else:
             name, prec = best_cpu_choice(entry)  # (imports onnx/openvino to see whether they are installed)
+            if dtype is None:
+                from vaepack.runtime import best_part_precision
+
+                part_prec = {p: best_part_precision(entry, p, name, prec) for p in parts}
         backend, dtype = name, dtype or prec
     dtype = dtype or "fp32"
+    if dtype == "int8":
+        if backend == "torch":
+            raise UsageError("int8 runs on an exported graph, not in torch",
+                             hint="use --backend openvino or onnxruntime with --dtype int8")
+        part_prec = {p: "int8" for p in parts}
+        dtype = "fp32"
     check_dtype(entry, dtype)
     vae = VAE(entry=entry, device=dev, dtype=dtype)
     for part in parts:
@@ -188,14 +206,16 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
         from vaepack.runtime import get_backend
 
         for part in parts:
+            prec = part_prec.get(part, dtype)
             try:
-                vae.parts[part].runner = get_backend(backend, entry.id, part, dtype, device=str(dev))
+                vae.parts[part].runner = get_backend(backend, entry.id, part, prec, device=str(dev))
                 vae.parts[part].backend = backend
-            except (BackendUnavailableError, ExportError) as e:
+                vae.parts[part].precision = prec if prec != dtype else None
+            except (BackendUnavailableError, ExportError, UsageError) as e:
                 if not auto:
                     raise
-                # auto falls back cleanly: the same precision on torch, with the reason in the log
-                log.warning("%s cannot run %s %s (%s); using torch %s", backend, entry.id, part, e, dtype)
+                # auto falls back cleanly: torch at the float precision, with the reason in the log
+                log.warning("%s cannot run %s %s %s (%s); using torch %s", backend, entry.id, part, prec, e, dtype)
     return vae
 
 

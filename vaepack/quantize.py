@@ -1,0 +1,349 @@
+"""Static int8 post-training quantization of exported graphs (QDQ ONNX) for the CPU runtimes.
+
+Why: on x86 CPUs with AVX512-VNNI (or AMX-INT8) an int8 convolution runs about twice as fast as a
+bf16 one. Measured here (AMD EPYC Zen 4, 2 cores, AVX512-VNNI + AVX512-BF16, no AMX): the default
+encoder at 512 px spends 103 of its 110 ms (OpenVINO bf16) in 3x3 convolutions, and those halve in
+int8 (benchmarks/README.md). The decoder fixes most of the encoder's rounding: the default's dev-set
+round trip at 1.5x keeps its PSNR (benchmarks/results/int8.md).
+
+The scheme is the one OpenVINO's and onnxruntime's CPU int8 kernels take, written as standard ONNX
+QuantizeLinear/DequantizeLinear pairs (the "QDQ" format) around every Conv:
+- weights: int8, symmetric, one scale per output channel (max |w| / 127);
+- the Conv's input activation: uint8, asymmetric, one scale per tensor, from a calibration range
+  [lo, hi] widened to contain 0 (so ReLU outputs get zero point 0 and zero is exact);
+- everything else (biases, norms, resizes, the latent convention, the outputs) stays float.
+TensorRT wants symmetric int8 activations, so these graphs are for onnxruntime and OpenVINO only.
+
+Calibration: min/max of each Conv's input over calibration images, seen through PyTorch forward
+hooks in fp32, on the inputs the runtimes will get: random crops remapped by the pipeline's scale
+(encoder), or the model's own encoder latents of those crops (decoder). The result is a small JSON
+file keyed by Conv module name and tied to the weights sha256; the embedded default ships its files
+(listed in the manifest under the part as ``int8_calibration``), others are computed with
+``vaepack export MODEL --precision int8 --calibration DIR`` into <cache>/int8/.
+ONNX Conv nodes are matched to modules by their weights (exact equality), never by position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vaepack.errors import ExportError, UsageError
+from vaepack.manifest import ModelEntry
+from vaepack.paths import cache_dir, embedded_weights_dir
+
+log = logging.getLogger("vaepack")
+
+CALIBRATION_FORMAT = "vaepack.int8-calibration"
+CALIBRATION_VERSION = "1"
+DEFAULT_CROP = 256
+DEFAULT_IMAGES = 64
+MIN_IMAGES = 4
+
+
+# --------------------------------------------------------------------------- calibration
+def _convs(module: nn.Module) -> dict[str, nn.Conv2d]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def _crops(paths: list[Path], crop: int, count: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """One random crop (crop x crop, or the whole image if smaller) from each of up to ``count``
+    images, unreadable files skipped with a warning (calibration needs many, not all)."""
+    from vaepack.errors import VaepackError
+    from vaepack.io import load_image
+
+    rng = random.Random(seed)
+    chosen = sorted(paths)
+    rng.shuffle(chosen)
+    out = []
+    for p in chosen:
+        if len(out) >= count:
+            break
+        try:
+            x = load_image(p)
+        except VaepackError as e:
+            log.warning("calibration skips %s: %s", p.name, e)
+            continue
+        _, h, w = x.shape
+        ch, cw = min(crop, h), min(crop, w)
+        top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+        out.append((p.name, x[:, top:top + ch, left:left + cw]))
+    return out
+
+
+def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float = 1.5, crop: int = DEFAULT_CROP,
+              count: int = DEFAULT_IMAGES, seed: int = 0, source: str = "") -> dict[str, Any]:
+    """Calibration record for ``entry``'s ``part`` from random crops of ``images`` (see the module
+    docstring). ``scale``: the remap the pipeline applies before encoding (the default model is
+    used at 1.5x); the decoder sees the encoder's latents of the same remapped crops.
+
+    The range is the observed min/max. Clipping long tails where the expected quantization error is
+    smallest (histogram + MSE search) was tried on the default model and did not help: encoder latent
+    rms error 13.1% vs 14.7% of the latent std (median over dev photos) but a worse maximum (30% vs
+    26%), decoder round trip 29.249 vs 29.252 dB; most of the error comes from the int8 weights
+    (weights alone: 7.7%), so it was not kept."""
+    from vaepack import pipeline as P
+    from vaepack.vae import load_vae
+
+    if part not in ("encoder", "decoder"):
+        raise UsageError(f"int8 covers encoders and decoders, not '{part}'")
+    crops = _crops(list(images), crop, count, seed)
+    if len(crops) < MIN_IMAGES:
+        raise UsageError(f"int8 calibration needs at least {MIN_IMAGES} readable images, found {len(crops)}",
+                         path=source or None, hint="point --calibration at a folder of photos like your inputs")
+    parts = ("encoder", "decoder") if part == "decoder" else ("encoder",)
+    if part == "decoder" and "encoder" not in entry.parts:
+        raise UsageError(f"'{entry.id}' has no encoder to make calibration latents for its decoder")
+    vae = load_vae(entry, parts=parts, device="cpu", dtype="fp32")
+    module = vae.parts[part].module
+    if part == "decoder" and vae.sampling:
+        raise UsageError(f"the decoder of '{entry.id}' is a diffusion decoder; int8 covers single-pass decoders")
+    # the part's inputs, computed once (a decoder's come from its own encoder, whose convs are not hooked)
+    with torch.no_grad():
+        inputs = [P.prepare(x, vae.factor, scale, "bilinear")[0] for _, x in crops]
+        if part == "decoder":
+            inputs = [vae.encode(x) for x in inputs]
+    run = vae.encode if part == "encoder" else vae.decode
+
+    t0 = time.time()
+    ranges: dict[str, list[float]] = {}
+
+    def minmax(name, a):
+        lo, hi = float(a.min()), float(a.max())
+        r = ranges.setdefault(name, [lo, hi])
+        r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: minmax(n, args[0].detach()))
+               for n, m in _convs(module).items()]
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                run(x)
+    finally:
+        for h in handles:
+            h.remove()
+    from vaepack import __version__
+    from vaepack.export import weights_digest
+
+    return {
+        "format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION,
+        "model": entry.id, "part": part, "weights_sha256": weights_digest(entry, part),
+        "method": "minmax", "activations": "uint8 per tensor, asymmetric, range widened to contain 0",
+        "weights": "int8 per output channel, symmetric (max |w| / 127)",
+        "data": {"source": source, "images": len(crops), "crop": crop, "scale": scale, "seed": seed,
+                 "files": [n for n, _ in crops]},
+        "ranges": {k: [round(v[0], 6), round(v[1], 6)] for k, v in sorted(ranges.items())},
+        "seconds": round(time.time() - t0, 1), "vaepack": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def prepare_calibration(entry: ModelEntry, part: str, source: str | Path | None, *, count: int = DEFAULT_IMAGES,
+                        scale: float = 1.5, crop: int = DEFAULT_CROP) -> dict | None:
+    """``vaepack export --precision int8 --calibration SOURCE``: SOURCE is a calibration JSON (checked
+    against the current weights) or images (a folder, files or globs) to calibrate on. Either way the
+    result is also stored in <cache>/int8/ so that runtimes find it later. None: nothing to prepare
+    (the export uses the shipped or cached calibration)."""
+    from vaepack.export import weights_digest
+    from vaepack.io import expand_inputs
+
+    if source is None:
+        return None
+    digest = weights_digest(entry, part)
+    src = Path(source)
+    if src.suffix.lower() == ".json" and src.is_file():
+        cal = load_calibration(src, entry, part, digest)
+    else:
+        images = expand_inputs([str(source)])
+        cal = calibrate(entry, part, images, scale=scale, crop=crop, count=count, source=str(source))
+    save_calibration(cal, cached_calibration_path(entry, part, digest))
+    return cal
+
+
+def calibration_sha256(cal: dict) -> str:
+    return hashlib.sha256(json.dumps(cal, sort_keys=True).encode()).hexdigest()
+
+
+def _check_calibration(cal: Any, where: str, entry: ModelEntry | None = None, part: str | None = None,
+                       digest: str | None = None) -> dict:
+    if not isinstance(cal, dict) or cal.get("format") != CALIBRATION_FORMAT or not isinstance(cal.get("ranges"), dict):
+        raise ExportError("not a vaepack int8 calibration file", path=where)
+    if entry is not None and (cal.get("model") != entry.id or cal.get("part") != part):
+        raise ExportError(f"calibration is for the {cal.get('part')} of '{cal.get('model')}', not the {part} of "
+                          f"'{entry.id}'", path=where)
+    if digest is not None and cal.get("weights_sha256") != digest:
+        raise ExportError("calibration was made for other weights of this model", path=where,
+                          hint=f"calibrate again: vaepack export {cal.get('model')} --part {part} --precision int8 "
+                               "--calibration DIR")
+    for k, v in cal["ranges"].items():
+        if not (isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) and np.isfinite(t) for t in v)
+                and v[0] <= v[1]):
+            raise ExportError(f"calibration range of '{k}' is not [lo, hi]", path=where)
+    return cal
+
+
+def cached_calibration_path(entry: ModelEntry, part: str, digest: str) -> Path:
+    return cache_dir() / "int8" / f"{entry.id}-{part}-{digest.replace('+', '')[:16]}.json"
+
+
+def save_calibration(cal: dict, path: Path) -> None:
+    from vaepack.weights import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(cal, indent=1) + "\n").encode())
+
+
+def shipped_calibration(entry: ModelEntry, part: str) -> Path | None:
+    """The calibration file the manifest lists for this part (embedded in the package), verified."""
+    from vaepack.weights import sha256_file
+
+    spec = entry.part(part).int8_calibration
+    if spec is None:
+        return None
+    p = embedded_weights_dir() / spec.name
+    if not p.is_file():
+        raise ExportError("the manifest lists an int8 calibration file that is not in the package", path=str(p),
+                          hint="reinstall vaepack")
+    if spec.sha256 and sha256_file(p) != spec.sha256:
+        raise ExportError("int8 calibration file does not match its sha256 in the manifest", path=str(p),
+                          hint="reinstall vaepack")
+    return p
+
+
+def find_calibration(entry: ModelEntry, part: str, digest: str) -> tuple[dict, str]:
+    """(calibration, where it came from) for this part's current weights: the shipped file, else
+    the one `vaepack export --precision int8 --calibration DIR` left in the cache."""
+    for p in (shipped_calibration(entry, part), cached_calibration_path(entry, part, digest)):
+        if p is not None and p.is_file():
+            try:
+                cal = json.loads(p.read_text())
+            except (OSError, ValueError) as e:
+                raise ExportError(f"unreadable int8 calibration ({e})", path=str(p)) from None
+            return _check_calibration(cal, str(p), entry, part, digest), str(p)
+    raise UsageError(f"no int8 calibration for the {part} of '{entry.id}'",
+                     hint=f"make one from photos like your inputs: vaepack export {entry.id} --part {part} "
+                          "--precision int8 --calibration DIR")
+
+
+def load_calibration(path: str | Path, entry: ModelEntry, part: str, digest: str) -> dict:
+    try:
+        cal = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the int8 calibration ({e})", path=str(path)) from None
+    return _check_calibration(cal, str(path), entry, part, digest)
+
+
+# --------------------------------------------------------------------------- QDQ rewrite
+def _weight_key(w: np.ndarray) -> tuple:
+    return (w.shape, hashlib.sha1(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest())
+
+
+def _act_qparams(rng, prefix: str) -> list:
+    """uint8 scale and zero point of an activation range, widened to contain 0 (zero stays exact,
+    and a ReLU output gets zero point 0)."""
+    from onnx import numpy_helper
+
+    lo, hi = min(float(rng[0]), 0.0), max(float(rng[1]), 0.0)
+    s = max((hi - lo) / 255.0, 1e-8)
+    zp = int(np.clip(round(-lo / s), 0, 255))
+    return [numpy_helper.from_array(np.array(s, np.float32), f"{prefix}_scale"),
+            numpy_helper.from_array(np.array(zp, np.uint8), f"{prefix}_zp")]
+
+
+def quantize_model(model, module: nn.Module, cal: dict):
+    """Rewrite an fp32 ONNX ModelProto (in place) to QDQ int8 with ``cal``'s ranges.
+
+    Every Conv whose weights match a calibrated module gets int8 weights (DequantizeLinear, per
+    output channel) and its input tensor a QuantizeLinear/DequantizeLinear pair placed right after
+    the tensor is produced; *every* consumer of that tensor then reads the dequantized copy (a skip
+    connection included), as onnxruntime's QDQ quantizer does. Why every consumer: OpenVINO 2026.4
+    computed wrong results (latent rms error 0.8 instead of 0.006) for a stride-2 int8 Conv whose
+    float output was read by both a quantized Conv and a float Add; with the tensor quantized for all
+    readers its int8 kernels and onnxruntime's agree (tests/test_quantize.py).
+
+    Returns ``(model, stats)``; stats counts the Conv nodes quantized and those left in float (no
+    module with the same weights, or no calibration range, e.g. a folded weight)."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    by_weight = {_weight_key(m.weight.detach().float().numpy()): n for n, m in _convs(module).items()}
+    ranges = cal["ranges"]
+    uses: dict[str, int] = {}
+    for node in g.node:
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    act: dict[str, list[float]] = {}  # tensor -> range (the union where several Convs read it)
+    new_inits, drop, done, skipped = [], set(), [], []
+    nodes = list(g.node)
+    before: dict[int, list] = {}  # weight DequantizeLinear nodes, placed right before their Conv
+    for idx, node in enumerate(nodes):
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        name = by_weight.get(_weight_key(w))
+        if name is None or name not in ranges:
+            skipped.append(node.name or node.input[1])
+            continue
+        tag = f"vq{len(done)}"
+        absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+        ws = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+        wq = np.clip(np.round(w / ws.reshape(-1, *([1] * (w.ndim - 1)))), -127, 127).astype(np.int8)
+        new_inits += [numpy_helper.from_array(wq, f"{tag}.w_q"), numpy_helper.from_array(ws, f"{tag}.w_scale"),
+                      numpy_helper.from_array(np.zeros(w.shape[0], np.int8), f"{tag}.w_zp")]
+        if uses.get(node.input[1], 0) == 1:
+            drop.add(node.input[1])
+        dqw = helper.make_node("DequantizeLinear", [f"{tag}.w_q", f"{tag}.w_scale", f"{tag}.w_zp"],
+                               [f"{tag}.w_dq"], name=f"{tag}/DQw", axis=0)
+        node.input[1] = f"{tag}.w_dq"
+        before[idx] = [dqw]
+        lo, hi = ranges[name]
+        r = act.setdefault(node.input[0], [lo, hi])
+        r[0], r[1] = min(r[0], lo), max(r[1], hi)
+        done.append(name)
+    if not done:
+        raise ExportError(f"no Conv of the graph matches the calibration of '{cal.get('model')}' "
+                          f"{cal.get('part')}: nothing to quantize")
+    # One Q/DQ pair per quantized tensor, right after its producer; all readers take the DQ output.
+    producers = {o: i for i, n in enumerate(nodes) for o in n.output}
+    dq_of = {x: f"vqa{i}.dq" for i, x in enumerate(act)}
+    pairs: dict[int, list] = {}  # insert after node index (-1: graph inputs, at the top)
+    for i, (x, rng) in enumerate(act.items()):
+        new_inits += _act_qparams(rng, f"vqa{i}")
+        pair = [helper.make_node("QuantizeLinear", [x, f"vqa{i}_scale", f"vqa{i}_zp"], [f"vqa{i}.q"], name=f"vqa{i}/Q"),
+                helper.make_node("DequantizeLinear", [f"vqa{i}.q", f"vqa{i}_scale", f"vqa{i}_zp"], [dq_of[x]],
+                                 name=f"vqa{i}/DQ")]
+        at = producers.get(x, -1)
+        pairs.setdefault(at, []).extend(pair)
+    for n in nodes:
+        for k, inp in enumerate(n.input):
+            if inp in dq_of:
+                n.input[k] = dq_of[inp]
+    ordered = pairs.get(-1, [])
+    for i, n in enumerate(nodes):
+        ordered.extend(before.get(i, []))
+        ordered.append(n)
+        ordered.extend(pairs.get(i, []))
+    # The graph's outputs keep reading the float tensor (a quantized tensor that is also an output
+    # stays float there: only node inputs were rewired).
+    del g.node[:]
+    g.node.extend(ordered)
+    kept = [t for t in g.initializer if t.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(kept + new_inits)
+    return model, {"quantized_convs": len(done), "quantized_tensors": len(act), "float_convs": len(skipped),
+                   "float_conv_nodes": skipped[:20]}
+
+
+__all__ = [
+    "CALIBRATION_FORMAT", "cached_calibration_path", "calibrate", "calibration_sha256", "find_calibration",
+    "load_calibration", "quantize_model", "save_calibration", "shipped_calibration",
+]
