@@ -10,9 +10,10 @@ Backends and precisions:
 - torch: fp32, bf16 (CPU: channels_last + autocast, as in vaepack/vae.py), fp16 on CUDA only.
 - onnxruntime: fp32, fp16 (the fp16 graph), int8 (the QDQ graph of vaepack/quantize.py). Providers TensorRT > CUDA > CPU where available;
   threads and graph optimization level exposed; sessions cached per artifact for the process.
-- openvino: fp32, bf16 (``INFERENCE_PRECISION_HINT`` on the fp32 graph), int8 (the QDQ graph, the
-  float ops left in it run fp32: a bf16 hint measured slower, 65.7 vs 62.3 ms, on the default encoder at
-  512 px); compiled models cached on disk (``CACHE_DIR`` = <cache>/openvino) and per process.
+- openvino: fp32, bf16 (``INFERENCE_PRECISION_HINT`` on the fp32 graph), int8 (the QDQ graph; the
+  float ops and the Convs a calibration keeps float run bf16 where the CPU has native bf16: with the
+  default encoder's two float convs 65 ms vs 78 ms with an fp32 hint at 512 px); compiled models cached
+  on disk (``CACHE_DIR`` = <cache>/openvino) and per process.
 - tensorrt: fp32, fp16, bf16 engines built from the export with a named profile (export/profiles);
   inputs outside the profile are refused before running.
 ONNX files come from ``export.cached_export`` (exported on first use into <cache>/exports, keyed by
@@ -264,7 +265,8 @@ class OpenVINORunner(_GraphRunner):
         compiled = _OV_COMPILED.get(key) if cache else None
         if compiled is None:
             cfg: dict = {
-                hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,  # int8: see above
+                hints.inference_precision: (ov.Type.bf16 if precision == "bf16" or
+                                            (precision == "int8" and cpu_has_native_bf16()) else ov.Type.f32),
                 hints.performance_mode: hints.PerformanceMode.LATENCY,
             }
             if threads:
