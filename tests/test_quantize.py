@@ -260,6 +260,14 @@ def test_default_encoder_ships_a_verified_calibration(monkeypatch, tmp_path):
         Q.shipped_calibration(entry, "encoder")
 
 
+def test_your_calibration_wins_over_the_shipped_one(photos, fresh_home):
+    entry = get_model("default")
+    digest = X.weights_digest(entry, "encoder")
+    mine = Q.prepare_calibration(entry, "encoder", photos, count=6, crop=64)
+    cal, where = Q.find_calibration(entry, "encoder", digest)
+    assert where == str(Q.cached_calibration_path(entry, "encoder", digest)) and cal == mine
+
+
 @pytest.mark.slow
 def test_default_encoder_int8_on_a_photo(dev_photo, one_thread):
     """The shipped calibration on a real photo (the dev set is never calibrated on): int8 latents

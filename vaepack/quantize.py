@@ -3,15 +3,17 @@
 Why: on x86 CPUs with AVX512-VNNI (or AMX-INT8) an int8 convolution runs about twice as fast as a
 bf16 one. Measured here (AMD EPYC Zen 4, 2 cores, AVX512-VNNI + AVX512-BF16, no AMX): the default
 encoder at 512 px spends 103 of its 110 ms (OpenVINO bf16) in 3x3 convolutions, and those halve in
-int8 (benchmarks/README.md). The decoder fixes most of the encoder's rounding: the default's dev-set
-round trip at 1.5x keeps its PSNR (benchmarks/results/int8.md).
+int8 (benchmarks/results/int8.md). The decoder absorbs the encoder's rounding: the default's dev-set
+round trip at 1.5x keeps its PSNR, though the latents move more than in bf16 (same file).
 
 The scheme is the one OpenVINO's and onnxruntime's CPU int8 kernels take, written as standard ONNX
-QuantizeLinear/DequantizeLinear pairs (the "QDQ" format) around every Conv:
+QuantizeLinear/DequantizeLinear pairs (the "QDQ" format) around every Conv but those the calibration
+keeps float (``keep_float``: quantizing them alone moves the output by ``FLOAT_THRESHOLD`` or more):
 - weights: int8, symmetric, one scale per output channel (max |w| / 127);
 - the Conv's input activation: uint8, asymmetric, one scale per tensor, from a calibration range
   [lo, hi] widened to contain 0 (so ReLU outputs get zero point 0 and zero is exact);
-- everything else (biases, norms, resizes, the latent convention, the outputs) stays float.
+- everything else (biases, norms, resizes, the latent convention, the outputs) stays float (bf16 in
+  OpenVINO where the CPU has it).
 TensorRT wants symmetric int8 activations, so these graphs are for onnxruntime and OpenVINO only.
 
 Calibration: min/max of each Conv's input over calibration images, seen through PyTorch forward
@@ -77,7 +79,7 @@ def weight_qparams(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _fake_quant(conv: nn.Conv2d, rng) -> tuple[torch.Tensor, Any]:
     """Make ``conv`` compute as its int8 graph would (weights and input rounded); returns the
-    original weight and the hook handle, for ``_restore``."""
+    original weight and the hook handle, which the caller puts back / removes."""
     w0 = conv.weight.data
     wq, ws = weight_qparams(w0.detach().float().cpu().numpy())
     conv.weight.data = torch.from_numpy(wq.astype(np.float32) * ws.reshape(-1, 1, 1, 1)).to(w0)
@@ -288,9 +290,11 @@ def shipped_calibration(entry: ModelEntry, part: str) -> Path | None:
 
 
 def find_calibration(entry: ModelEntry, part: str, digest: str) -> tuple[dict, str]:
-    """(calibration, where it came from) for this part's current weights: the shipped file, else
-    the one `vaepack export --precision int8 --calibration DIR` left in the cache."""
-    for p in (shipped_calibration(entry, part), cached_calibration_path(entry, part, digest)):
+    """(calibration, where it came from) for this part's current weights: the one you made with
+    `vaepack export --precision int8 --calibration DIR|FILE` (in the cache; yours wins), else the
+    file the package ships for the part."""
+    cached = cached_calibration_path(entry, part, digest)
+    for p in (cached if cached.is_file() else None, shipped_calibration(entry, part)):
         if p is not None and p.is_file():
             try:
                 cal = json.loads(p.read_text())
