@@ -107,8 +107,8 @@ case "${1:-}" in
   calibrate-int8)
     # int8 calibration of the default encoder (vaepack/quantize.py; 64 training photos, one random 256 px crop
     # each at --scale 1.5). Run after export-pruned: a calibration belongs to one set of weights. Then put the
-    # file's sha256 under int8_calibration in weights_manifest.yaml (only where the measured dev-set round trip
-    # stays within 0.1 dB of fp32: benchmarks/results/int8.md).
+    # file's sha256 under int8_calibration in weights_manifest.yaml (auto: true only where every dev photo's
+    # round trip stays within 0.1 dB of fp32; the default encoder's does not: benchmarks/results/int8.md).
     tmp=$(mktemp -d)
     VAEPACK_HOME="$tmp" vaepack export default --part encoder --precision int8 --calibration "$DATA" \
       --calibration-images 64 --calibration-scale 1.5 -o "$tmp/art"

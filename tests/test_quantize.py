@@ -7,6 +7,7 @@ see quantize.quantize_model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -90,21 +91,11 @@ def test_calibration_record(zoo, tiny_int8, photos):
     assert set(cal["ranges"]) == set(convs)
     assert cal["data"]["images"] == 6 and "broken.png" not in cal["data"]["files"]
     assert all(lo <= hi for lo, hi in cal["ranges"].values())
-    # every conv's sensitivity is measured; the float ones are exactly those over the threshold
-    assert set(cal["sensitivity"]) == set(convs) and all(v >= 0 for v in cal["sensitivity"].values())
-    assert cal["keep_float"] == sorted(k for k, v in cal["sensitivity"].items() if v >= cal["float_threshold"])
     # deterministic: same images and seed -> same ranges; another seed picks other crops
     again = Q.calibrate(get_model(zoo["tae"]), "encoder", _images(photos), scale=1.0, crop=64, source="photos")
     assert again["ranges"] == cal["ranges"]
     other = Q.calibrate(get_model(zoo["tae"]), "encoder", _images(photos), scale=1.0, crop=64, seed=1)
     assert other["ranges"] != cal["ranges"]
-
-
-def test_float_threshold_decides_keep_float(zoo, photos):
-    e = get_model(zoo["tae"])
-    none = Q.calibrate(e, "encoder", _images(photos), scale=1.0, crop=64, float_threshold=1e9)
-    every = Q.calibrate(e, "encoder", _images(photos), scale=1.0, crop=64, float_threshold=0.0)
-    assert none["keep_float"] == [] and every["keep_float"] == sorted(every["ranges"])
 
 
 def test_calibration_needs_images(zoo, tmp_path):
@@ -121,8 +112,7 @@ def test_int8_export_graph_and_sidecar(zoo, tiny_int8, part):
     assert sc["precision"] == "int8" and sc["graph_precision"] == "int8"
     q = sc["int8"]
     assert q["calibration_sha256"] == Q.calibration_sha256(cal)
-    kept = len(cal["keep_float"])
-    assert q["quantized_convs"] == len(cal["ranges"]) - kept and q["float_convs"] == kept
+    assert q["quantized_convs"] == len(cal["ranges"]) and q["float_convs"] == 0
     assert sc["parity"]["passed"] and sc["parity"]["tolerance_rel"] == X.TOLERANCES["int8"]
     assert len({tuple(c["shape"][-2:]) for c in sc["parity"]["checks"]}) == 2
     m = onnx.load(str(res.onnx_path))
@@ -132,8 +122,8 @@ def test_int8_export_graph_and_sidecar(zoo, tiny_int8, part):
     assert ops.count("QuantizeLinear") == q["quantized_tensors"]
     int8_w = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert len(int8_w) == q["quantized_convs"]
-    # no float conv weight left behind but those of the convs kept float
-    assert len([t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4]) == kept
+    # no float conv weight left behind: every 4-d float initializer is gone
+    assert not [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4]
     dims = [d.dim_param for d in m.graph.input[0].type.tensor_type.shape.dim]
     assert dims[0] == "batch" and dims[2] and dims[3]
 
@@ -163,19 +153,6 @@ def test_int8_runtimes_agree_with_torch_and_each_other(zoo, tiny_int8, photos, p
         assert _rel(z, ref) <= X.TOLERANCES["int8"]
         # same graph, two int8 implementations: far closer to each other than to fp32
         assert _rel(z, y) <= 0.5 * X.TOLERANCES["int8"]
-
-
-def test_keep_float_convs_stay_float(zoo, tiny_int8, tmp_path):
-    cal = json.loads(json.dumps(tiny_int8["encoder"][0]))
-    first = sorted(cal["ranges"])[0]
-    cal["keep_float"] = [first]
-    res = X.export_onnx(zoo["tae"], "encoder", tmp_path, precision="int8", calibration=cal, parity_sizes=SIZES)
-    q = res.sidecar["int8"]
-    assert q["float_convs"] == 1 and q["quantized_convs"] == len(cal["ranges"]) - 1
-    # all float: nothing to quantize is an error, not a silent fp32 "int8" graph
-    cal["keep_float"] = sorted(cal["ranges"])
-    with pytest.raises(ExportError, match="nothing to quantize"):
-        X.export_onnx(zoo["tae"], "encoder", tmp_path / "all", precision="int8", calibration=cal, parity_sizes=SIZES)
 
 
 def test_int8_precision_needs_the_int8_graph(zoo, tiny_int8, tmp_path):
@@ -218,7 +195,6 @@ def test_prepared_calibration_is_cached_and_keys_the_export(zoo, photos, fresh_h
     (lambda c: c.update(part="decoder"), "not the encoder"),
     (lambda c: c["ranges"].update({"x": [1.0, -1.0]}), r"not \[lo, hi\]"),
     (lambda c: c.update(format="something"), "not a vaepack int8 calibration"),
-    (lambda c: c.update(keep_float=["no-such-conv"]), "keep_float"),
 ])
 def test_wrong_calibration_files_are_refused(zoo, tiny_int8, tmp_path, edit, match):
     cal = json.loads(json.dumps(tiny_int8["encoder"][0]))
@@ -243,12 +219,11 @@ def test_int8_refused_where_it_does_not_apply(zoo, tmp_path):
 def test_default_encoder_ships_a_verified_calibration(monkeypatch, tmp_path):
     entry = get_model("default")
     spec = entry.part("encoder").int8_calibration
-    assert spec is not None and entry.part("decoder").int8_calibration is None  # decoder: -0.11 dB, stays bf16
+    assert spec is not None and entry.part("decoder").int8_calibration is None  # decoder: -0.11 dB
     p = Q.shipped_calibration(entry, "encoder")
     cal, where = Q.find_calibration(entry, "encoder", X.weights_digest(entry, "encoder"))
     assert where == str(p) and cal["model"] == entry.id and len(cal["ranges"]) > 20
-    # the two convs measured most sensitive (stem, first H/2 conv) stay float
-    assert cal["keep_float"] == ["1", "2.conv.0"] and cal["float_threshold"] == Q.FLOAT_THRESHOLD
+    assert not entry.part("encoder").int8_auto  # per-photo spread too wide for auto (results/int8.md)
     # a tampered copy is refused
     fake = tmp_path / "weights"
     fake.mkdir()
@@ -291,24 +266,34 @@ def test_default_encoder_int8_on_a_photo(dev_photo, one_thread):
     assert rec.dtype == "int8"
     # tiled runs use the torch module: the latent file says what ran
     tiled = P.encode_tensor(q_vae, x, 1.5, tiles=P.TileOptions(budget=64 * 64, tile=64, overlap=16))
-    assert tiled.dtype == "fp32" and q_vae.dtype == "fp32"
+    assert tiled.dtype == q_vae.dtype == ("bf16" if R.cpu_has_native_bf16() else "fp32")
     assert abs(float(metrics.psnr(y_q, x)) - float(metrics.psnr(y_ref, x))) <= 0.5
 
 
 @pytest.mark.skipif(not HAS_OV, reason="OpenVINO not installed")
-def test_auto_runs_the_default_encoder_int8_and_says_so(run_cli, dev_photo, tmp_path, one_thread):
+def test_dtype_int8_runs_calibrated_parts_int8_and_says_so(run_cli, dev_photo, tmp_path, one_thread):
     from PIL import Image
 
     p = tmp_path / "crop.png"
     Image.open(dev_photo).convert("RGB").crop((0, 0, 96, 64)).save(p)
+    flt = "bf16" if R.cpu_has_native_bf16() else "fp32"
+    # auto does not pick int8 (manifest auto: false) ...
     code, out, err = run_cli("roundtrip", p, "--scale", "1.5", "--json")
     assert code == 0, err
-    rt = json.loads(out)["runtime"]
-    prec = "bf16" if R.cpu_has_native_bf16() else "fp32"
-    assert rt == {"encoder": {"backend": "openvino", "dtype": "int8"}, "decoder": {"backend": "openvino", "dtype": prec}}
-    # an explicit --dtype is kept for both parts
-    code, out, err = run_cli("roundtrip", p, "--scale", "1.5", "--dtype", "fp32", "--json")
-    assert json.loads(out)["runtime"]["encoder"] == {"backend": "openvino", "dtype": "fp32"}
+    assert json.loads(out)["runtime"]["encoder"] == {"backend": "openvino", "dtype": flt}
+    # ... --dtype int8 runs the calibrated encoder int8 and the uncalibrated decoder at auto's float
+    code, out, err = run_cli("roundtrip", p, "--scale", "1.5", "--dtype", "int8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["runtime"] == {"encoder": {"backend": "openvino", "dtype": "int8"},
+                                          "decoder": {"backend": "openvino", "dtype": flt}}
+    assert "decoder has no int8 calibration" in err
+    # a part marked auto: true would run int8 under auto
+    entry = get_model("default")
+    spec = dataclasses.replace(entry.part("encoder"), int8_auto=True)
+    marked = dataclasses.replace(entry, parts={**entry.parts, "encoder": spec})
+    assert R.best_part_precision(marked, "encoder", "openvino", flt) == "int8"
+    assert R.best_part_precision(marked, "encoder", "torch", flt) == flt
+    assert R.best_part_precision(entry, "encoder", "openvino", flt) == flt
 
 
 def test_cli_int8_errors_are_one_line(run_cli, dev_photo, tmp_path, clean_error):

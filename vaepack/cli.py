@@ -799,8 +799,7 @@ def export(
         if precision != "int8":
             raise UsageError("--calibration is for --precision int8")
         if not calibration.lower().endswith(".json"):
-            _note(f"calibrating int8 on up to {calibration_images} images of {calibration} (ranges, then each "
-                  "conv's sensitivity; a minute or more on a CPU)")
+            _note(f"calibrating int8 on up to {calibration_images} images of {calibration}")
         kw["calibration"] = Q.prepare_calibration(get_model(model), "decoder" if part == "eps-step" else part,
                                                   calibration, count=calibration_images, scale=calibration_scale)
     if trt:

@@ -47,9 +47,11 @@ class PartSpec:
     config: dict[str, Any]
     files: tuple[FileSpec, ...]
     provenance: dict[str, Any] = field(default_factory=dict)
-    # int8 activation ranges shipped in the package (vaepack/quantize.py). Listed only where the
-    # measured int8 round trip stays within 0.1 dB of fp32: `--backend auto` then runs this part int8.
+    # int8 activation ranges shipped in the package (vaepack/quantize.py): `--dtype int8` works without
+    # calibrating. `--backend auto` runs the part int8 only with ``auto: true`` there, which needs
+    # every dev photo's round trip within 0.1 dB of fp32 (benchmarks/results/int8.md).
     int8_calibration: FileSpec | None = None
+    int8_auto: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,8 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
                                     provenance=dict(p.get("provenance") or {}),
                                     int8_calibration=(FileSpec(name=str(cal["name"]), url=None, size=cal.get("size"),
                                                                sha256=str(cal["sha256"]), embedded=True)
-                                                      if cal else None))
+                                                      if cal else None),
+                                    int8_auto=bool(cal.get("auto", False)) if cal else False)
         models[mid] = ModelEntry(
             id=mid, description=str(m.get("description", "")), license=str(m.get("license", "unknown")),
             space=spaces[sname], parts=parts, fp16_safe=bool(m.get("fp16_safe", True)),

@@ -7,13 +7,11 @@ int8 (benchmarks/results/int8.md). The decoder absorbs the encoder's rounding: t
 round trip at 1.5x keeps its PSNR, though the latents move more than in bf16 (same file).
 
 The scheme is the one OpenVINO's and onnxruntime's CPU int8 kernels take, written as standard ONNX
-QuantizeLinear/DequantizeLinear pairs (the "QDQ" format) around every Conv but those the calibration
-keeps float (``keep_float``: quantizing them alone moves the output by ``FLOAT_THRESHOLD`` or more):
+QuantizeLinear/DequantizeLinear pairs (the "QDQ" format) around every Conv:
 - weights: int8, symmetric, one scale per output channel (max |w| / 127);
 - the Conv's input activation: uint8, asymmetric, one scale per tensor, from a calibration range
   [lo, hi] widened to contain 0 (so ReLU outputs get zero point 0 and zero is exact);
-- everything else (biases, norms, resizes, the latent convention, the outputs) stays float (bf16 in
-  OpenVINO where the CPU has it).
+- everything else (biases, norms, resizes, the latent convention, the outputs) stays float.
 TensorRT wants symmetric int8 activations, so these graphs are for onnxruntime and OpenVINO only.
 
 Calibration: min/max of each Conv's input over calibration images, seen through PyTorch forward
@@ -48,14 +46,6 @@ log = logging.getLogger("vaepack")
 CALIBRATION_FORMAT = "vaepack.int8-calibration"
 CALIBRATION_VERSION = "1"
 DEFAULT_CROP = 256
-# A Conv stays float (bf16 where the CPU has it) when quantizing it alone moves the part's output by
-# this much (rms error / output std, on the first SENSITIVITY_IMAGES calibration inputs). Default
-# encoder: the space-to-depth stem conv (0.092) and the first H/2 conv (0.091) are over it, every
-# other conv at 0.026 or less; keeping those two float halves the latent error (rms 14.7% -> 6.9% of
-# the latent std, median dev photo) for ~10% more time (benchmarks/results/int8.md). The default
-# decoder's most sensitive conv is at 0.009: its int8 loss is spread over all convs.
-FLOAT_THRESHOLD = 0.03
-SENSITIVITY_IMAGES = 8
 DEFAULT_IMAGES = 64
 MIN_IMAGES = 4
 
@@ -75,21 +65,6 @@ def weight_qparams(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ws = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
     wq = np.clip(np.round(w / ws.reshape(-1, *([1] * (w.ndim - 1)))), -127, 127).astype(np.int8)
     return wq, ws
-
-
-def _fake_quant(conv: nn.Conv2d, rng) -> tuple[torch.Tensor, Any]:
-    """Make ``conv`` compute as its int8 graph would (weights and input rounded); returns the
-    original weight and the hook handle, which the caller puts back / removes."""
-    w0 = conv.weight.data
-    wq, ws = weight_qparams(w0.detach().float().cpu().numpy())
-    conv.weight.data = torch.from_numpy(wq.astype(np.float32) * ws.reshape(-1, 1, 1, 1)).to(w0)
-    s, zp = act_qparams(rng)
-
-    def hook(_m, args):
-        x = args[0]
-        return ((torch.round(x / s) + zp).clamp(0, 255) - zp) * s, *args[1:]
-
-    return w0, conv.register_forward_pre_hook(hook)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -123,8 +98,7 @@ def _crops(paths: list[Path], crop: int, count: int, seed: int) -> list[tuple[st
 
 
 def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float = 1.5, crop: int = DEFAULT_CROP,
-              count: int = DEFAULT_IMAGES, seed: int = 0, source: str = "",
-              float_threshold: float | None = None) -> dict[str, Any]:
+              count: int = DEFAULT_IMAGES, seed: int = 0, source: str = "") -> dict[str, Any]:
     """Calibration record for ``entry``'s ``part`` from random crops of ``images`` (see the module
     docstring). ``scale``: the remap the pipeline applies before encoding (the default model is
     used at 1.5x); the decoder sees the encoder's latents of the same remapped crops.
@@ -133,7 +107,9 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
     smallest (histogram + MSE search) was tried on the default model and did not help: encoder latent
     rms error 13.1% vs 14.7% of the latent std (median over dev photos) but a worse maximum (30% vs
     26%), decoder round trip 29.249 vs 29.252 dB; most of the error comes from the int8 weights
-    (weights alone: 7.7%), so it was not kept."""
+    (weights alone: 7.7%), so it was not kept. Neither was keeping the Convs float whose int8 moved
+    the latents most (the stem and first H/2 conv of the default encoder): the latent error halved but
+    the dev round trip's per-image spread grew from 0.17 to 0.41 dB (benchmarks/results/int8.md)."""
     from vaepack import pipeline as P
     from vaepack.vae import load_vae
 
@@ -157,7 +133,6 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
             inputs = [vae.encode(x) for x in inputs]
     run = vae.encode if part == "encoder" else vae.decode
 
-    float_threshold = FLOAT_THRESHOLD if float_threshold is None else float(float_threshold)
     t0 = time.time()
     ranges: dict[str, list[float]] = {}
 
@@ -175,8 +150,6 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
     finally:
         for h in handles:
             h.remove()
-    sens = _sensitivity(module, run, inputs[:SENSITIVITY_IMAGES], ranges)
-    keep_float = sorted(k for k, v in sens.items() if v >= float_threshold)
     from vaepack import __version__
     from vaepack.export import weights_digest
 
@@ -188,8 +161,6 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
         "data": {"source": source, "images": len(crops), "crop": crop, "scale": scale, "seed": seed,
                  "files": [n for n, _ in crops]},
         "ranges": {k: [round(v[0], 6), round(v[1], 6)] for k, v in sorted(ranges.items())},
-        "sensitivity": {k: round(v, 5) for k, v in sorted(sens.items())},
-        "float_threshold": float_threshold, "keep_float": keep_float,
         "seconds": round(time.time() - t0, 1), "vaepack": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -217,26 +188,6 @@ def prepare_calibration(entry: ModelEntry, part: str, source: str | Path | None,
     return cal
 
 
-def _sensitivity(module: nn.Module, run, inputs: list[torch.Tensor], ranges: dict) -> dict[str, float]:
-    """Per Conv: rms(output with only this Conv int8 - fp32 output) / std(fp32 output), mean over
-    ``inputs`` (PyTorch fake quantization with the int8 graph's rounding)."""
-    with torch.no_grad():
-        refs = [run(x) for x in inputs]
-    out: dict[str, float] = {}
-    for name, conv in _convs(module).items():
-        if name not in ranges:
-            continue
-        w0, handle = _fake_quant(conv, ranges[name])
-        try:
-            with torch.no_grad():
-                errs = [float((run(x) - r).pow(2).mean().sqrt() / r.std().clamp_min(1e-8)) for x, r in zip(inputs, refs)]
-        finally:
-            handle.remove()
-            conv.weight.data = w0
-        out[name] = float(np.mean(errs))
-    return out
-
-
 def calibration_sha256(cal: dict) -> str:
     return hashlib.sha256(json.dumps(cal, sort_keys=True).encode()).hexdigest()
 
@@ -252,9 +203,6 @@ def _check_calibration(cal: Any, where: str, entry: ModelEntry | None = None, pa
         raise ExportError("calibration was made for other weights of this model", path=where,
                           hint=f"calibrate again: vaepack export {cal.get('model')} --part {part} --precision int8 "
                                "--calibration DIR")
-    kf = cal.get("keep_float", [])
-    if not (isinstance(kf, list) and all(isinstance(k, str) and k in cal["ranges"] for k in kf)):
-        raise ExportError("calibration's keep_float must list Conv names of its ranges", path=where)
     for k, v in cal["ranges"].items():
         if not (isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) and np.isfinite(t) for t in v)
                 and v[0] <= v[1]):
@@ -306,6 +254,15 @@ def find_calibration(entry: ModelEntry, part: str, digest: str) -> tuple[dict, s
                           "--precision int8 --calibration DIR")
 
 
+def has_calibration(entry: ModelEntry, part: str) -> bool:
+    """Whether ``find_calibration`` has something for this part (without reading or checking it)."""
+    from vaepack.export import weights_digest
+
+    if entry.part(part).int8_calibration is not None:
+        return True
+    return cached_calibration_path(entry, part, weights_digest(entry, part)).is_file()
+
+
 def load_calibration(path: str | Path, entry: ModelEntry, part: str, digest: str) -> dict:
     try:
         cal = json.loads(Path(path).read_text())
@@ -345,7 +302,7 @@ def quantize_model(model, module: nn.Module, cal: dict):
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     by_weight = {_weight_key(m.weight.detach().float().numpy()): n for n, m in _convs(module).items()}
-    ranges = {k: v for k, v in cal["ranges"].items() if k not in set(cal.get("keep_float") or ())}
+    ranges = cal["ranges"]
     uses: dict[str, int] = {}
     for node in g.node:
         for i in node.input:

@@ -10,10 +10,9 @@ Backends and precisions:
 - torch: fp32, bf16 (CPU: channels_last + autocast, as in vaepack/vae.py), fp16 on CUDA only.
 - onnxruntime: fp32, fp16 (the fp16 graph), int8 (the QDQ graph of vaepack/quantize.py). Providers TensorRT > CUDA > CPU where available;
   threads and graph optimization level exposed; sessions cached per artifact for the process.
-- openvino: fp32, bf16 (``INFERENCE_PRECISION_HINT`` on the fp32 graph), int8 (the QDQ graph; the
-  float ops and the Convs a calibration keeps float run bf16 where the CPU has native bf16: with the
-  default encoder's two float convs 65 ms vs 78 ms with an fp32 hint at 512 px); compiled models cached
-  on disk (``CACHE_DIR`` = <cache>/openvino) and per process.
+- openvino: fp32, bf16 (``INFERENCE_PRECISION_HINT`` on the fp32 graph), int8 (the QDQ graph, the
+  float ops left in it run fp32: a bf16 hint measured slower, 65.7 vs 62.3 ms, on the default encoder at
+  512 px); compiled models cached on disk (``CACHE_DIR`` = <cache>/openvino) and per process.
 - tensorrt: fp32, fp16, bf16 engines built from the export with a named profile (export/profiles);
   inputs outside the profile are refused before running.
 ONNX files come from ``export.cached_export`` (exported on first use into <cache>/exports, keyed by
@@ -265,8 +264,7 @@ class OpenVINORunner(_GraphRunner):
         compiled = _OV_COMPILED.get(key) if cache else None
         if compiled is None:
             cfg: dict = {
-                hints.inference_precision: (ov.Type.bf16 if precision == "bf16" or
-                                            (precision == "int8" and cpu_has_native_bf16()) else ov.Type.f32),
+                hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,  # int8: see above
                 hints.performance_mode: hints.PerformanceMode.LATENCY,
             }
             if threads:
@@ -479,7 +477,7 @@ def best_cpu_choice(entry=None) -> tuple[str, str]:
     """(backend, precision) of the fastest CPU path that keeps round-trip quality: OpenVINO when
     installed, else torch; bf16 where the CPU has native bf16 and the model's manifest entry does not
     say ``bf16_safe: false`` (its measured bf16 round trip loses > 0.1 dB), else fp32. On OpenVINO,
-    parts that ship an int8 calibration run int8 instead (``best_part_precision``)."""
+    parts whose shipped int8 calibration is marked ``auto`` run int8 (``best_part_precision``)."""
     prec = "bf16" if cpu_has_native_bf16() and getattr(entry, "bf16_safe", True) else "fp32"
     try:
         X.require_onnx()
@@ -490,9 +488,12 @@ def best_cpu_choice(entry=None) -> tuple[str, str]:
 
 
 def best_part_precision(entry, part: str, backend: str, precision: str) -> str:
-    """int8 for a part whose manifest entry ships an int8 calibration (listed only where the measured
-    int8 round trip stays within 0.1 dB of fp32) when the backend is OpenVINO, else ``precision``."""
-    if backend == "openvino" and entry.part(part).int8_calibration is not None:
+    """int8 for a part whose manifest entry ships an int8 calibration marked ``auto: true`` (every
+    dev photo's round trip within 0.1 dB of fp32) when the backend is OpenVINO, else ``precision``.
+    No part qualifies yet: the default encoder's int8 round trip is +0.10 dB on average but moves
+    single photos by -0.30 to +0.42 dB (benchmarks/results/int8.md)."""
+    spec = entry.part(part)
+    if backend == "openvino" and spec.int8_calibration is not None and spec.int8_auto:
         return "int8"
     return precision
 

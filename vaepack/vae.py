@@ -183,8 +183,18 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
         if backend == "torch":
             raise UsageError("int8 runs on an exported graph, not in torch",
                              hint="use --backend openvino or onnxruntime with --dtype int8")
-        part_prec = {p: "int8" for p in parts}
-        dtype = "fp32"
+        # int8 where the part has a calibration (shipped or made with `vaepack export --precision int8
+        # --calibration`), the others at the float precision auto would take (e.g. the default
+        # encoder int8 + its decoder bf16 in one roundtrip); --json reports each part's precision.
+        from vaepack.quantize import has_calibration
+        from vaepack.runtime import cpu_has_native_bf16
+
+        dtype = "bf16" if cpu_has_native_bf16() and entry.bf16_safe and dev.type == "cpu" else "fp32"
+        part_prec = {p: "int8" if has_calibration(entry, p) else dtype for p in parts}
+        for p, v in part_prec.items():
+            if v != "int8":
+                log.warning("%s %s has no int8 calibration, so it runs %s (make one: vaepack export %s --part %s "
+                            "--precision int8 --calibration DIR)", entry.id, p, v, entry.id, p)
     check_dtype(entry, dtype)
     vae = VAE(entry=entry, device=dev, dtype=dtype)
     for part in parts:
