@@ -205,9 +205,11 @@ def test_wrong_calibration_files_are_refused(zoo, tiny_int8, tmp_path, edit, mat
         Q.prepare_calibration(get_model(zoo["tae"]), "encoder", f)
 
 
-def test_int8_refused_where_it_does_not_apply(zoo, tmp_path):
+def test_int8_refused_where_it_does_not_apply(zoo, tiny_int8, tmp_path):
     with pytest.raises(UsageError, match="int8 runs on the exported graph|precision"):
         R.get_backend("torch", zoo["tae"], "encoder", "int8")
+    with pytest.raises(UsageError, match="calibration is for --precision int8"):
+        X.export_onnx(zoo["tae"], "encoder", tmp_path, calibration=tiny_int8["encoder"][0], parity_sizes=SIZES)
     with pytest.raises(UsageError, match="asymmetric"):
         X.export_trt(zoo["tae"], "decoder", profile="preview-512", precision="int8", out_dir=tmp_path)
     if "eps" in zoo:

@@ -67,7 +67,7 @@ TRT_PRECISIONS = ("fp32", "fp16", "bf16")  # vaepack's int8 graphs have asymmetr
 # up to a quarter of the latent range (default encoder, dev photos at 1.5x: max |error| / range median
 # 0.14, worst 0.28; rms 15% of the latent std). The bound catches broken graphs (a wrong int8 kernel
 # gave errors above the whole range); the round-trip PSNR, not this bound, decides whether a part
-# may run int8 (the manifest's int8_calibration).
+# runs int8 by default (the manifest's int8_calibration ... auto).
 INT8_TOLERANCE = 0.3
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": INT8_TOLERANCE}
 PARITY_SIZES = ((64, 64), (96, 160))  # pixels (H, W): multiples of 32 (f8 and f32), non-square
@@ -505,13 +505,15 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
     dtype = torch.float16 if gprec == "fp16" else torch.float32
     net = _reduced_precision_copy(module, dtype) if dtype != torch.float32 else module
     cal_source = None
+    if calibration is not None and precision != "int8":
+        raise UsageError("a calibration is for --precision int8")
     if precision == "int8":
         from vaepack import quantize as Q
 
         if calibration is None:
             calibration, cal_source = Q.find_calibration(entry, mpart, digest)
         else:
-            calibration = Q._check_calibration(calibration, "calibration", entry, mpart, digest)
+            calibration = Q.check_calibration(calibration, "calibration", entry, mpart, digest)
             cal_source = calibration.get("data", {}).get("source") or "given"
     bn = _bn_stats(entry, module)
     if part == "eps-step":

@@ -192,7 +192,7 @@ def calibration_sha256(cal: dict) -> str:
     return hashlib.sha256(json.dumps(cal, sort_keys=True).encode()).hexdigest()
 
 
-def _check_calibration(cal: Any, where: str, entry: ModelEntry | None = None, part: str | None = None,
+def check_calibration(cal: Any, where: str, entry: ModelEntry | None = None, part: str | None = None,
                        digest: str | None = None) -> dict:
     if not isinstance(cal, dict) or cal.get("format") != CALIBRATION_FORMAT or not isinstance(cal.get("ranges"), dict):
         raise ExportError("not a vaepack int8 calibration file", path=where)
@@ -248,7 +248,7 @@ def find_calibration(entry: ModelEntry, part: str, digest: str) -> tuple[dict, s
                 cal = json.loads(p.read_text())
             except (OSError, ValueError) as e:
                 raise ExportError(f"unreadable int8 calibration ({e})", path=str(p)) from None
-            return _check_calibration(cal, str(p), entry, part, digest), str(p)
+            return check_calibration(cal, str(p), entry, part, digest), str(p)
     raise UsageError(f"no int8 calibration for the {part} of '{entry.id}'",
                      hint=f"make one from photos like your inputs: vaepack export {entry.id} --part {part} "
                           "--precision int8 --calibration DIR")
@@ -268,7 +268,7 @@ def load_calibration(path: str | Path, entry: ModelEntry, part: str, digest: str
         cal = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read the int8 calibration ({e})", path=str(path)) from None
-    return _check_calibration(cal, str(path), entry, part, digest)
+    return check_calibration(cal, str(path), entry, part, digest)
 
 
 # --------------------------------------------------------------------------- QDQ rewrite
@@ -368,6 +368,7 @@ def quantize_model(model, module: nn.Module, cal: dict):
 
 
 __all__ = [
-    "CALIBRATION_FORMAT", "cached_calibration_path", "calibrate", "calibration_sha256", "find_calibration",
-    "load_calibration", "quantize_model", "save_calibration", "shipped_calibration",
+    "CALIBRATION_FORMAT", "act_qparams", "cached_calibration_path", "calibrate", "calibration_sha256",
+    "check_calibration", "find_calibration", "has_calibration", "load_calibration", "prepare_calibration",
+    "quantize_model", "save_calibration", "shipped_calibration", "weight_qparams",
 ]
