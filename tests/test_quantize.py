@@ -317,3 +317,18 @@ def test_cli_export_int8_with_calibration(run_cli, zoo, photos, tmp_path, fresh_
     assert sc["int8"]["calibration_data"]["images"] == 5 and res["parity"]["passed"]
     assert Path(res["onnx"]).is_file()
     shutil.rmtree(out)
+
+
+def test_bench_int8_rows(one_thread):
+    from vaepack import bench as B
+
+    r = B.run_bench(["default"], parts=["encoder", "decoder"], backends=["onnxruntime", "torch"],
+                    precisions=["int8"], sizes=[64], repeat=1, warmup=0)
+    rows = {(x["part"], x["backend"]): x for x in r["rows"]}
+    enc = rows[("encoder", "onnxruntime")]
+    assert enc["status"] == "ok" and enc["param_dtype"] == "int8 conv weights"
+    assert enc["params"] / 1e6 <= enc["param_mb"] < 1.1 * enc["params"] / 1e6  # ~1 byte per weight
+    assert rows[("decoder", "onnxruntime")]["status"] == "skipped"  # no calibration shipped
+    assert "no int8 calibration" in rows[("decoder", "onnxruntime")]["reason"]
+    assert rows[("encoder", "torch")]["status"] == "skipped"
+    B.validate(r)

@@ -548,6 +548,10 @@ def _bench_row(reg: _Models, mid, prec, be, part, size, scale, batch, n, dec_id,
     row["params"] = param_count(module)
     row["param_mb"] = param_bytes(module) / 1e6
     row["param_dtype"] = str(next(module.parameters()).dtype).replace("torch.", "")
+    if prec == "int8":  # the graph stores conv weights int8 (1 byte each; norms, biases, scales stay fp32)
+        conv_w = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+        row["param_mb"] = (param_bytes(module) - conv_w * (next(module.parameters()).element_size() - 1)) / 1e6
+        row["param_dtype"] = "int8 conv weights"
     fkey = (network, part, shape[1:], n)
     if fkey not in flops_cache:
         fvae = reg.get(network, part, "fp32")
