@@ -126,18 +126,14 @@ class TileOptions:
         return b > 0 and pixels > b
 
 
-def _encode(vae: VAE, x: torch.Tensor, tiles: TileOptions) -> torch.Tensor:
+def _encode(vae: VAE, x: torch.Tensor, tiles: TileOptions) -> tuple[torch.Tensor, str]:
+    """(latent, precision that ran): tiled runs use the torch module (VAE.encode), so they run at
+    the VAE's dtype even where a runner (e.g. int8) is loaded; latent files record it."""
     f = vae.factor
     if tiles.active(x.shape[-2] * x.shape[-1]):
         t, o = max(1, tiles.tile // f), max(0, tiles.overlap // f)
-        return vae.encode(x, tiler=lambda fn, a: run_tiled(fn, a, t, o, f, 1))
-    return vae.encode(x)
-
-
-def _encoder_precision(vae: VAE, x: torch.Tensor, tiles: TileOptions) -> str:
-    """What a latent file records as its dtype: tiled runs use the torch module (VAE.encode), so
-    they ran at the VAE's dtype even where a runner (e.g. int8) is loaded."""
-    return vae.dtype if tiles.active(x.shape[-2] * x.shape[-1]) else vae.precision("encoder")
+        return vae.encode(x, tiler=lambda fn, a: run_tiled(fn, a, t, o, f, 1)), vae.dtype
+    return vae.encode(x), vae.precision("encoder")
 
 
 def _decode(vae: VAE, z: torch.Tensor, tiles: TileOptions) -> torch.Tensor:
@@ -172,12 +168,11 @@ def encode_tensor(vae: VAE, x: torch.Tensor, scale: float = 1.0, filter: str = "
                   pad_multiple: int | None = None) -> L.LatentRecord:
     """Encode one image (3, H, W) in [0, 1] into a LatentRecord."""
     xp, orig, ssize, pad = prepare(x, vae.factor, scale, filter, source, pad_multiple)
-    tiles = tiles or TileOptions()
-    z = _encode(vae, xp, tiles)
+    z, ran = _encode(vae, xp, tiles or TileOptions())
     return L.LatentRecord(latent=z.cpu(), model=model_id or vae.entry.id, space=vae.space.name,
                           weights_sha256=vae.parts["encoder"].sha256, scale=scale, filter=filter,
                           orig_size=orig, scaled_size=ssize, padding=pad, convention=L.convention(vae.space),
-                          dtype=_encoder_precision(vae, xp, tiles), source=source)
+                          dtype=ran, source=source)
 
 
 def encode_batch(vae: VAE, xs: list[torch.Tensor], scale: float = 1.0, filter: str = "bilinear",
@@ -188,10 +183,7 @@ def encode_batch(vae: VAE, xs: list[torch.Tensor], scale: float = 1.0, filter: s
     if len(xs) == 1 or len({tuple(x.shape) for x in xs}) != 1:
         return [encode_tensor(vae, x, scale, filter, tiles, s, model_id, pad_multiple) for x, s in zip(xs, sources)]
     prepared = [prepare(x, vae.factor, scale, filter, s, pad_multiple) for x, s in zip(xs, sources)]
-    tiles = tiles or TileOptions()
-    xb = torch.cat([p[0] for p in prepared])
-    z = _encode(vae, xb, tiles)
-    ran = _encoder_precision(vae, xb, tiles)
+    z, ran = _encode(vae, torch.cat([p[0] for p in prepared]), tiles or TileOptions())
     return [L.LatentRecord(latent=z[i:i + 1].cpu(), model=model_id or vae.entry.id, space=vae.space.name,
                            weights_sha256=vae.parts["encoder"].sha256, scale=scale, filter=filter,
                            orig_size=p[1], scaled_size=p[2], padding=p[3], convention=L.convention(vae.space),

@@ -243,12 +243,8 @@ def find_calibration(entry: ModelEntry, part: str, digest: str) -> tuple[dict, s
     file the package ships for the part."""
     cached = cached_calibration_path(entry, part, digest)
     for p in (cached if cached.is_file() else None, shipped_calibration(entry, part)):
-        if p is not None and p.is_file():
-            try:
-                cal = json.loads(p.read_text())
-            except (OSError, ValueError) as e:
-                raise ExportError(f"unreadable int8 calibration ({e})", path=str(p)) from None
-            return check_calibration(cal, str(p), entry, part, digest), str(p)
+        if p is not None:
+            return load_calibration(p, entry, part, digest), str(p)
     raise UsageError(f"no int8 calibration for the {part} of '{entry.id}'",
                      hint=f"make one from photos like your inputs: vaepack export {entry.id} --part {part} "
                           "--precision int8 --calibration DIR")
@@ -264,10 +260,11 @@ def has_calibration(entry: ModelEntry, part: str) -> bool:
 
 
 def load_calibration(path: str | Path, entry: ModelEntry, part: str, digest: str) -> dict:
+    """A calibration file, read and checked against this part's current weights."""
     try:
         cal = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read the int8 calibration ({e})", path=str(path)) from None
+        raise ExportError(f"unreadable int8 calibration ({e})", path=str(path)) from None
     return check_calibration(cal, str(path), entry, part, digest)
 
 

@@ -254,7 +254,7 @@ class OpenVINORunner(_GraphRunner):
 
         if precision not in BACKEND_PRECISIONS["openvino"]:
             raise UsageError(f"openvino runs fp32, bf16 or int8 on CPU, not {precision}")
-        want = "int8" if precision == "int8" else "fp32"
+        want = X.graph_precision(precision)
         if sc["graph_precision"] != want:
             raise UsageError(f"openvino {precision} compiles the {want} export (bf16 is a runtime hint on the fp32 one)",
                              path=str(onnx_path))
@@ -473,12 +473,18 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def cpu_float_precision(entry=None) -> str:
+    """bf16 where the CPU has native bf16 and the model's manifest entry does not say
+    ``bf16_safe: false``, else fp32."""
+    return "bf16" if cpu_has_native_bf16() and getattr(entry, "bf16_safe", True) else "fp32"
+
+
 def best_cpu_choice(entry=None) -> tuple[str, str]:
     """(backend, precision) of the fastest CPU path that keeps round-trip quality: OpenVINO when
     installed, else torch; bf16 where the CPU has native bf16 and the model's manifest entry does not
     say ``bf16_safe: false`` (its measured bf16 round trip loses > 0.1 dB), else fp32. On OpenVINO,
     parts whose shipped int8 calibration is marked ``auto`` run int8 (``best_part_precision``)."""
-    prec = "bf16" if cpu_has_native_bf16() and getattr(entry, "bf16_safe", True) else "fp32"
+    prec = cpu_float_precision(entry)
     try:
         X.require_onnx()
         X.require_openvino()
@@ -516,5 +522,5 @@ def best_cpu_backend(model_id: str, part: str = "decoder", *, threads: int | Non
 __all__ = [
     "BACKENDS", "BACKEND_PRECISIONS", "OnnxRuntimeRunner", "OpenVINORunner", "Runner", "TensorRTRunner",
     "TorchRunner", "available_backends", "best_cpu_backend", "best_cpu_choice", "best_part_precision", "clear_caches",
-    "cpu_has_native_bf16", "get_backend",
+    "cpu_float_precision", "cpu_has_native_bf16", "get_backend",
 ]

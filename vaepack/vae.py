@@ -160,8 +160,9 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
     (the fastest CPU path that is installed and keeps the model's quality, see
     vaepack.runtime.best_cpu_choice; torch on CUDA and for diffusion decoders). ``dtype`` None: auto's
     precision, else fp32; an explicit ``dtype`` is kept under auto. Under auto with no ``dtype``, a
-    part that ships an int8 calibration (manifest) runs int8 on OpenVINO. ``dtype="int8"`` needs an
-    ONNX backend; the torch modules (kept for tiled runs) then load fp32."""
+    part whose shipped int8 calibration says ``auto: true`` runs int8 on OpenVINO (none yet).
+    ``dtype="int8"`` needs an ONNX backend: parts with a calibration run int8, the others (and the
+    torch modules kept for tiled runs) at ``runtime.cpu_float_precision``."""
     entry = get_model(model) if isinstance(model, str) else model
     dev = pick_device(device)
     auto = backend == "auto"
@@ -187,9 +188,9 @@ def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str 
         # --calibration`), the others at the float precision auto would take (e.g. the default
         # encoder int8 + its decoder bf16 in one roundtrip); --json reports each part's precision.
         from vaepack.quantize import has_calibration
-        from vaepack.runtime import cpu_has_native_bf16
+        from vaepack.runtime import cpu_float_precision
 
-        dtype = "bf16" if cpu_has_native_bf16() and entry.bf16_safe and dev.type == "cpu" else "fp32"
+        dtype = cpu_float_precision(entry) if dev.type == "cpu" else "fp32"
         part_prec = {p: "int8" if has_calibration(entry, p) else dtype for p in parts}
         for p, v in part_prec.items():
             if v != "int8":
