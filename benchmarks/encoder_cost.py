@@ -10,7 +10,7 @@ import argparse, json, time
 import torch
 
 from vaepack.models import student, tae
-from vaepack.distill import count_macs
+from vaepack.flops import count_macs
 
 
 def latency(m, x, reps=5, bf16=False):

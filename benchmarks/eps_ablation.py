@@ -8,7 +8,7 @@ t_grid_frac 0.5, EMA 0.999):
   adv       gamma 0.6 + adversarial trajectory matching (weight 0.5, R1 1.0; paper's weights)
 Sampler spacing (reversed-log Eq. 13 vs uniform) needs no training: every trained model and the
 shipped decoder are evaluated with both grids. Evaluation: center 256 px crops of the dev set, TAEF2
-latents, NFE 1/2/3/5 (`vaepack.train_eps.eval_nfe`).
+latents, NFE 1/2/3/5 (`vaepack.train.eps.eval_nfe`).
 
 usage: python benchmarks/eps_ablation.py --steps 500 --runs /work/runs/eps-abl --out benchmarks/results/eps_ablation.json
 Rerunning resumes/skips finished runs.
@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from vaepack.bench import machine_info
-from vaepack.train_eps import eval_nfe, run_train_eps
+from vaepack.bench.machine import machine_info
+from vaepack.train.config import EpsTrainConfig
+from vaepack.train.eps import eval_nfe, run_train_eps
 
 VARIANTS = {
-    "ref": dict(config={"gamma": 0.6}, w_adv=0.0),
-    "no-gamma": dict(config={"gamma": 1.0}, w_adv=0.0),
-    "adv": dict(config={"gamma": 0.6}, w_adv=0.5),
+    "ref": dict(model_config={"gamma": 0.6}, w_adv=0.0),
+    "no-gamma": dict(model_config={"gamma": 1.0}, w_adv=0.0),
+    "adv": dict(model_config={"gamma": 0.6}, w_adv=0.5),
 }
 
 
@@ -58,9 +59,10 @@ def main() -> None:
     weights: dict[str, Path] = {}
     for name, run in models.items():
         t0 = time.time()
-        res = run_train_eps("taef2", Path(a.data), run, steps=a.steps, batch=a.batch, crop=128, lr=5e-4, ema=0.999,
-                            w_vel=1.0, w_perc=5.0, t_grid_frac=0.5, seed=0, device="cpu", cache_path=cache,
-                            progress=print, log_every=50, command="benchmarks/eps_ablation.py", **VARIANTS[name])
+        cfg = EpsTrainConfig("taef2", Path(a.data), run, steps=a.steps, batch=a.batch, crop=128, lr=5e-4, ema=0.999,
+                             w_vel=1.0, w_perc=5.0, t_grid_frac=0.5, seed=0, device="cpu", cache_path=cache,
+                             log_every=50, command="benchmarks/eps_ablation.py", **VARIANTS[name])
+        res = run_train_eps(cfg, progress=print)
         out["variants"].setdefault(name, {})["train"] = {"seconds": round(time.time() - t0), "step": res.get("step"),
                                                          "settings": {k: v for k, v in VARIANTS[name].items()}}
         weights[name] = Path(res["export"]["path"])

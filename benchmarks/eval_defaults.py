@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vaepack.distill import count_macs, load_tae_teacher
+from vaepack.flops import count_macs
 from vaepack.models import student, tae
+from vaepack.train.teachers import load_tae_teacher
 
 
 def load_safetensors_model(path: str):

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from vaepack.bench import machine_info
+from vaepack.bench.machine import machine_info
 from vaepack.io import center_crop, expand_inputs, load_image
 from vaepack.metrics import image_metrics
 from vaepack.pipeline import TileOptions, resize, roundtrip_tensor, scaled_size
-from vaepack.vae import load_vae
+from vaepack.runtime import load_vae
 
 ROWS = [("-", "-"), ("bilinear", "post"), ("bilinear", "pre"), ("bicubic", "post"), ("bicubic", "pre")]
 

@@ -18,29 +18,33 @@ for s in $steps; do
       # Quality on center 256 px crops of the dev set (whole images at 2x cost minutes per image here).
       py <<PY
 import torch
-from vaepack import bench as B
+from vaepack.bench.report import plot, to_markdown
+from vaepack.bench.schema import save
+from vaepack.bench.suites import run_suite
 if "${THREADS:-}":
     torch.set_num_threads(int("${THREADS:-0}"))
-r = B.run_suite("$s", crop=256, progress=lambda d, t, row: print(f"[{d}/{t}]", flush=True))
-B.save(r, "$OUT/$s-$D.json"); open("$OUT/$s-$D.md", "w").write(B.to_markdown(r) + "\n")
-B.plot(r, "$OUT/$s-$D.png")
+r = run_suite("$s", crop=256, progress=lambda d, t, row: print(f"[{d}/{t}]", flush=True))
+save(r, "$OUT/$s-$D.json"); open("$OUT/$s-$D.md", "w").write(to_markdown(r) + "\n")
+plot(r, "$OUT/$s-$D.png")
 PY
       ;;
     eps-nfe)
       # The eps decoder per NFE, then the deterministic decoders on the same TAEF2 latents.
       py <<PY
 import torch
-from vaepack import bench as B
+from vaepack.bench.report import to_markdown
+from vaepack.bench.schema import save
+from vaepack.bench.suites import run_suite
 if "${THREADS:-}":
     torch.set_num_threads(int("${THREADS:-0}"))
 rows, first = [], None
 for dec, nfe in (("taef2-eps", [1, 2, 3, 5, 10]), ("taef2", None), ("default", None)):
-    r = B.run_suite("eps-nfe", decoder=dec, nfe=nfe, progress=lambda d, t, row: print(f"[{d}/{t}] {dec}", flush=True))
+    r = run_suite("eps-nfe", decoder=dec, nfe=nfe, progress=lambda d, t, row: print(f"[{d}/{t}] {dec}", flush=True))
     first = first or r
     rows += r["rows"]
 first["rows"] = rows
 first["config"]["decoder"] = "taef2-eps, taef2, default"
-B.save(first, "$OUT/eps-nfe-$D.json"); open("$OUT/eps-nfe-$D.md", "w").write(B.to_markdown(first) + "\n")
+save(first, "$OUT/eps-nfe-$D.json"); open("$OUT/eps-nfe-$D.md", "w").write(to_markdown(first) + "\n")
 PY
       ;;
     backends-b8)

@@ -5,7 +5,7 @@
 #          benchmarks/train_defaults.sh encoder|decoder|export                        (the paper-000 student, vaepack-f2-s32)
 #
 # The default (generation 3, vaepack-f2-p64) is TAEF2 itself, depth-pruned and distilled back
-# (vaepack.distill.tae_from_teacher): the encoder drops the full-resolution stage and one H/2 block and
+# (vaepack.train.warmstart.tae_from_teacher): the encoder drops the full-resolution stage and one H/2 block and
 # starts at H/2 with a space-to-depth conv initialized as the exact composition of TAEF2's two stem convs;
 # the decoder keeps (3, 2, 1, 1) of TAEF2's (3, 3, 3, 1) blocks per stage. Both start from TAEF2's
 # weights, so the distillation only has to recover what the dropped layers did (benchmarks/results/distill_defaults.md).

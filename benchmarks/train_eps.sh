@@ -15,7 +15,7 @@ export OMP_NUM_THREADS=1
 python -c "
 import torch; torch.set_num_threads(1)
 from pathlib import Path
-from vaepack.train_eps import build_cache
+from vaepack.train.eps_data import build_cache
 p = Path('$RUNS/cache_taef2_train.safetensors')
 p.exists() or build_cache('taef2', Path('$DATA'), p, progress=print)
 "
@@ -23,16 +23,17 @@ p.exists() or build_cache('taef2', Path('$DATA'), p, progress=print)
 # 2) training; resumable: rerun to continue from $RUNS/f2/checkpoint.pt; Ctrl-C stops cleanly
 python -c "
 import torch; torch.set_num_threads(1)
-from vaepack.train_eps import run_train_eps
-print(run_train_eps('taef2', '$DATA', '$RUNS/f2', steps=20000, batch=8, crop=128, lr=5e-4, ema=0.999,
+from vaepack.train.config import EpsTrainConfig
+from vaepack.train.eps import run_train_eps
+print(run_train_eps(EpsTrainConfig('taef2', '$DATA', '$RUNS/f2', steps=20000, batch=8, crop=128, lr=5e-4, ema=0.999,
       w_vel=1.0, w_perc=5.0, w_adv=0.0, t_grid_frac=0.5, max_minutes=76, seed=0, device='cpu',
-      progress=print, cache_path='$RUNS/cache_taef2_train.safetensors', log_every=50,
-      command='benchmarks/train_eps.sh'))
+      cache_path='$RUNS/cache_taef2_train.safetensors', log_every=50,
+      command='benchmarks/train_eps.sh'), progress=print))
 "
 
 # 3) fp16 export of the EMA weights into the package
 python -c "
-from vaepack.train_eps import export_weights
+from vaepack.train.eps import export_weights
 print(export_weights('$RUNS/f2', 'vaepack/weights/vaepack-f2-eps-w32.safetensors', 'fp16',
       command='benchmarks/train_eps.sh'))
 "

@@ -85,8 +85,8 @@ def fresh_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def run_cli(capsys):
-    """Run ``vaepack.cli.main(args)`` in-process; return (exit_code, stdout, stderr)."""
-    from vaepack.cli import main
+    """Run ``vaepack.cli.app.main(args)`` in-process; return (exit_code, stdout, stderr)."""
+    from vaepack.cli.app import main
 
     def run(*args):
         capsys.readouterr()

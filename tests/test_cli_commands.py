@@ -68,7 +68,14 @@ def test_default_backend_is_auto_and_says_what_ran(run_cli, photo_crop, one_thre
     assert rt == {"encoder": {"backend": name, "dtype": prec}, "decoder": {"backend": name, "dtype": prec}}
     ref_rt, ref = _runtime_of(run_cli, photo_crop, "-m", "taef2", "--backend", "torch")
     assert ref_rt["encoder"] == {"backend": "torch", "dtype": "fp32"}  # explicit backend: fp32 by default
-    assert psnr == pytest.approx(ref, abs=0.1)
+    # Auto's precision meets the policy, which bounds each photo's move by PHOTO_DELTA_DB (0.25 dB), not
+    # the 0.1 dB of the dev mean. Measured (benchmarks/results/precision_policy.md): this 72x56 crop moves
+    # +0.131 dB under torch bf16 and +0.075 dB under OpenVINO bf16 (Xeon with AMX; +0.145 dB torch bf16
+    # on Zen 4), more than any full dev photo (TAEF2 at 1x: torch bf16 -0.103..-0.012, OpenVINO bf16
+    # -0.048..+0.014), because a tiny image averages bf16 rounding over few pixels.
+    from vaepack.policy import PHOTO_DELTA_DB
+
+    assert psnr == pytest.approx(ref, abs=PHOTO_DELTA_DB)
     # an explicit --dtype is kept under auto
     rt, _ = _runtime_of(run_cli, photo_crop, "-m", "taef2", "--dtype", "fp32")
     assert rt["decoder"] == {"backend": name, "dtype": "fp32"}
@@ -114,7 +121,7 @@ def test_bench_cli_json(run_cli, tmp_path, shared_weights, one_thread):
     code, stdout, err = run_cli("bench", "--models", "taef2", "--parts", "encoder", "--sizes", "64",
                                 "--repeat", "2", "--warmup", "1", "--json", out)
     assert code == 0, err
-    from vaepack.bench import load, validate
+    from vaepack.bench.schema import load, validate
 
     res = load(out)
     validate(res)
@@ -254,3 +261,31 @@ def test_distill_family_tae_warm_starts_from_the_teacher(run_cli, tmp_path, clea
     code, _, err = run_cli("distill", "--part", "decoder", "--family", "tae", "--data", data, "--out", tmp_path / "e3")
     assert code == 2
     clean_error(err, "--family")
+
+
+def test_tiled_images_report_and_record_the_torch_backend(run_cli, photo_crop, tmp_path, one_thread):
+    """A runner (here onnxruntime; OpenVINO under auto) takes whole images only: an image above the tile
+    budget runs the torch module, and encode/decode/roundtrip say so (plain and --json) and the latent
+    file records it; an untiled image names the runner."""
+    pytest.importorskip("onnxruntime")
+    from vaepack.latents import load_latent
+
+    lat, ort = tmp_path / "a.latent.safetensors", ("--backend", "onnxruntime")
+    tiled = ("--tile-budget", "1024", "--tile-size", "32", "--tile-overlap", "8")  # the crop is 72x56
+    code, out, err = run_cli("encode", photo_crop, "-m", "taef2", *ort, *tiled, "-o", lat, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    torch_fp32 = {"backend": "torch", "dtype": "fp32"}
+    assert {k: res["ok"][0][k] for k in torch_fp32} == torch_fp32 and {k: res[k] for k in torch_fp32} == torch_fp32
+    assert (load_latent(lat).backend, load_latent(lat).dtype) == ("torch", "fp32")
+    code, out, err = run_cli("decode", lat, *ort, *tiled, "-o", tmp_path / "a.png")
+    assert code == 0 and "(torch fp32)" in err, err
+    code, out, err = run_cli("roundtrip", photo_crop, "-m", "taef2", *ort, *tiled, "--json")
+    assert code == 0, err
+    assert json.loads(out)["runtime"] == {"encoder": torch_fp32, "decoder": torch_fp32}
+    code, out, err = run_cli("encode", photo_crop, "-m", "taef2", *ort, "-o", lat, "--force")
+    assert code == 0 and "(onnxruntime fp32)" in err, err
+    assert load_latent(lat).backend == "onnxruntime"
+    code, out, err = run_cli("decode", lat, *ort, "-o", tmp_path / "a.png", "--force", "--json")
+    assert code == 0 and {k: json.loads(out)["ok"][0][k] for k in torch_fp32} == {"backend": "onnxruntime",
+                                                                                   "dtype": "fp32"}

@@ -10,9 +10,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vaepack import distill
 from vaepack.errors import ImageError, UsageError, VaepackError
 from vaepack.models import student, tae
+from vaepack.train import distill
+from vaepack.train.common import export_safetensors
+from vaepack.train.config import DistillConfig, DistillDecoderConfig
+from vaepack.train.warmstart import prune_tae_decoder, tae_from_teacher
 
 TINY = dict(width=8, blocks_per_stage=1)
 
@@ -33,11 +36,22 @@ def _teacher(seed=0):
     return tae.build("encoder", tae.TAEConfig(kind="f8", latent_channels=4, width=8)).eval()
 
 
+def _encoder_run(teacher, data, run_dir, progress=None, **kw):
+    """``run_distill`` with its config built from keywords (DistillConfig fields)."""
+    return distill.run_distill(teacher, DistillConfig(data_dir=data, out_dir=run_dir, **kw), progress=progress)
+
+
+def _decoder_run(teacher_encoder, teacher_decoder, data, run_dir, progress=None, **kw):
+    """``run_distill_decoder`` with its config built from keywords (DistillDecoderConfig fields)."""
+    return distill.run_distill_decoder(teacher_encoder, teacher_decoder,
+                                       DistillDecoderConfig(data_dir=data, out_dir=run_dir, **kw), progress=progress)
+
+
 def _run(data, run_dir, **kw):
-    args = dict(student_config=TINY, schedule=[(32, 30)], batch=4, lr=3e-3, warmup=5, ckpt_every=10, threads=1,
+    args = dict(model_config=TINY, schedule=[(32, 30)], batch=4, lr=3e-3, warmup=5, ckpt_every=10, threads=1,
                 bf16=False, seed=0, teacher_id="test-teacher")
     args.update(kw)
-    return distill.run_distill(_teacher(), data, run_dir, width=8, **args)
+    return _encoder_run(_teacher(), data, run_dir, width=8, **args)
 
 
 def test_distill_lowers_loss_and_exports_loadable_student(tmp_path):
@@ -72,7 +86,7 @@ def test_resume_with_other_config_is_refused(tmp_path):
     data = _images(tmp_path / "data")
     _run(data, tmp_path / "run", max_minutes=0)
     with pytest.raises(VaepackError, match="different model config"):
-        _run(data, tmp_path / "run", student_config=dict(width=8, blocks_per_stage=2))
+        _run(data, tmp_path / "run", model_config=dict(width=8, blocks_per_stage=2))
 
 
 def test_empty_folder(tmp_path):
@@ -137,9 +151,9 @@ def test_decoder_distillation_and_pruned_init(tmp_path):
     torch.manual_seed(1)
     tdec = tae.build("decoder", tae.TAEConfig(kind="f8", latent_channels=4, width=16, midblock_gn=True)).eval()
     cfg = tae.TAEConfig(kind="f8", latent_channels=4, width=8, midblock_gn=True)
-    tae.build("decoder", cfg).load_state_dict(distill.prune_tae_decoder(tdec.state_dict(), cfg))
-    out = distill.run_distill_decoder(_teacher(), tdec, data, tmp_path / "run", width=8, schedule=[(32, 4)], batch=2,
-                                      warmup=2, threads=1, bf16=False)
+    tae.build("decoder", cfg).load_state_dict(prune_tae_decoder(tdec.state_dict(), cfg))
+    out = _decoder_run(_teacher(), tdec, data, tmp_path / "run", width=8, schedule=[(32, 4)], batch=2,
+                       warmup=2, threads=1, bf16=False)
     with safe_open(str(out), "pt") as f:
         md = f.metadata()
     m = tae.build("decoder", tae.TAEConfig(**json.loads(md["config"])))
@@ -213,7 +227,7 @@ def test_init_warm_starts_an_encoder_from_an_exported_student(tmp_path, capture_
         torch.testing.assert_close(m.eval()(x), exported(x), atol=1e-4, rtol=0)
 
     with pytest.raises(UsageError, match="do not fit") as e:
-        _run(data, tmp_path / "run3", init=first, student_config=dict(TINY, width=16))
+        _run(data, tmp_path / "run3", init=first, model_config=dict(TINY, width=16))
     assert str(first) in str(e.value)
     assert not (tmp_path / "run3" / "checkpoint.pt").exists()
 
@@ -230,19 +244,18 @@ def test_decoder_init_loads_strictly(tmp_path, capture_student):
     torch.manual_seed(2)
     cfg = tae.TAEConfig(kind="f8", latent_channels=4, width=8, midblock_gn=True)
     src = tae.build("decoder", cfg)
-    path = distill.export_safetensors(src, tmp_path / "dec.safetensors", {"config": json.dumps({})}, fp16=False)
+    path = export_safetensors(src, tmp_path / "dec.safetensors", {"config": json.dumps({})}, fp16=False)
     tdec = tae.build("decoder", tae.TAEConfig(kind="f8", latent_channels=4, width=16, midblock_gn=True)).eval()
     kw = dict(schedule=[(32, 2)], batch=2, warmup=1, threads=1, bf16=False)
-    m = capture_student(distill.run_distill_decoder, _teacher(), tdec, data, tmp_path / "run", width=8, init=path, **kw)
+    m = capture_student(_decoder_run, _teacher(), tdec, data, tmp_path / "run", width=8, init=path, **kw)
     for k, v in src.state_dict().items():  # init wins over the default warm start from the teacher
         torch.testing.assert_close(m.state_dict()[k], v)
 
     with pytest.raises(UsageError, match="do not fit") as e:
-        distill.run_distill_decoder(_teacher(), tdec, data, tmp_path / "run2", width=16, init=path, **kw)
+        _decoder_run(_teacher(), tdec, data, tmp_path / "run2", width=16, init=path, **kw)
     assert str(path) in str(e.value)
     with pytest.raises(VaepackError, match="init weights not found"):
-        distill.run_distill_decoder(_teacher(), tdec, data, tmp_path / "run3", width=8,
-                                    init=tmp_path / "nope.safetensors", **kw)
+        _decoder_run(_teacher(), tdec, data, tmp_path / "run3", width=8, init=tmp_path / "nope.safetensors", **kw)
 
 
 # ------------------------------------------------------------- depth-pruned TAE students (tae_from_teacher)
@@ -267,7 +280,7 @@ def test_s2d_stem_is_the_exact_composition_of_the_teacher_stem():
     t, tcfg = _tae_teacher("encoder")
     cfg = tae.TAEConfig(kind="f8", latent_channels=4, width=16, midblock_gn=True, blocks=(0, 1, 3, 3), stem="s2d")
     m = tae.build("encoder", cfg).eval()
-    m.load_state_dict(distill.tae_from_teacher(t.state_dict(), "encoder", cfg, tcfg))
+    m.load_state_dict(tae_from_teacher(t.state_dict(), "encoder", cfg, tcfg))
     x = torch.rand(2, 3, 40, 48)
     with torch.no_grad():
         ref = t[2](t[0](x))  # the teacher's stem conv then its stride-2 conv, without the dropped block
@@ -284,24 +297,24 @@ def test_depth_pruned_decoder_keeps_the_first_blocks_per_stage():
     t, tcfg = _tae_teacher("decoder")
     cfg = tae.TAEConfig(kind="f8", latent_channels=4, width=16, midblock_gn=True, blocks=(3, 2, 1, 1))
     m = tae.build("decoder", cfg).eval()
-    m.load_state_dict(distill.tae_from_teacher(t.state_dict(), "decoder", cfg, tcfg))
+    m.load_state_dict(tae_from_teacher(t.state_dict(), "decoder", cfg, tcfg))
     keep = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17, 18, 19]  # teacher indices (drops s1.b2, s2.b1, s2.b2)
     ref = torch.nn.Sequential(*[t[i] for i in keep])
     z = torch.randn(1, 4, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(m(z), ref(z))
     with pytest.raises(UsageError, match="width"):
-        distill.tae_from_teacher(t.state_dict(), "decoder", tae.TAEConfig(latent_channels=4, width=8, blocks=(3, 2, 1, 1)), tcfg)
+        tae_from_teacher(t.state_dict(), "decoder", tae.TAEConfig(latent_channels=4, width=8, blocks=(3, 2, 1, 1)), tcfg)
 
 
 def test_pruned_tae_encoder_distills_and_exports(tmp_path):
     data = _images(tmp_path / "data", n=2)
     t, tcfg = _tae_teacher("encoder", width=8)
     losses = []
-    out = distill.run_distill(t, data, tmp_path / "run", width=8, family="tae", init_from_teacher=True,
-                              teacher_config=tcfg, student_config={"blocks": [0, 1, 1, 1], "stem": "s2d"},
-                              schedule=[(32, 20)], batch=4, lr=3e-3, warmup=2, threads=1, bf16=False,
-                              progress=lambda p: p["phase"] == "train" and losses.append(p["step_loss"]))
+    out = _encoder_run(t, data, tmp_path / "run", width=8, family="tae", init_from_teacher=True,
+                       teacher_config=tcfg, model_config={"blocks": [0, 1, 1, 1], "stem": "s2d"},
+                       schedule=[(32, 20)], batch=4, lr=3e-3, warmup=2, threads=1, bf16=False,
+                       progress=lambda p: p["phase"] == "train" and losses.append(p["step_loss"]))
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
     with safe_open(str(out), "pt") as f:
         md = f.metadata()
@@ -312,18 +325,18 @@ def test_pruned_tae_encoder_distills_and_exports(tmp_path):
     m.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()})
     assert m(torch.rand(1, 3, 64, 48)).shape == (1, 4, 8, 6)
     with pytest.raises(UsageError, match="init-from-teacher"):
-        distill.run_distill(t, data, tmp_path / "r2", family="student", init_from_teacher=True, teacher_config=tcfg)
+        _encoder_run(t, data, tmp_path / "r2", family="student", init_from_teacher=True, teacher_config=tcfg)
 
 
 def test_decoder_run_warm_starts_depth_pruned_from_the_teacher_config(tmp_path, capture_student):
     data = _images(tmp_path / "data", n=1)
     tdec, tcfg = _tae_teacher("decoder", width=8)
     tenc = tae.build("encoder", tae.TAEConfig(kind="f8", latent_channels=4, width=8)).eval()
-    kw = dict(width=8, decoder_config={"blocks": [3, 2, 1, 1]}, schedule=[(32, 1)], threads=1, bf16=False)
-    m = capture_student(distill.run_distill_decoder, tenc, tdec, data, tmp_path / "r", teacher_config=tcfg, **kw)
+    kw = dict(width=8, model_config={"blocks": [3, 2, 1, 1]}, schedule=[(32, 1)], threads=1, bf16=False)
+    m = capture_student(_decoder_run, tenc, tdec, data, tmp_path / "r", teacher_config=tcfg, **kw)
     cfg = tae.TAEConfig(kind="f8", latent_channels=4, width=8, midblock_gn=True, blocks=(3, 2, 1, 1))
-    ref = distill.tae_from_teacher(tdec.state_dict(), "decoder", cfg, tcfg)
+    ref = tae_from_teacher(tdec.state_dict(), "decoder", cfg, tcfg)
     for k, v in m.state_dict().items():
         torch.testing.assert_close(v, ref[k])
     with pytest.raises(UsageError, match="teacher_config"):  # depth pruning needs the teacher's stated architecture
-        distill.run_distill_decoder(tenc, tdec, data, tmp_path / "r2", **kw)
+        _decoder_run(tenc, tdec, data, tmp_path / "r2", **kw)

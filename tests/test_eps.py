@@ -180,9 +180,13 @@ def test_tiny_training_lowers_loss_and_round_trips(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from vaepack import train_eps as T
     from vaepack.loader import load_part_from_files
     from vaepack.manifest import FileSpec, PartSpec
+    from vaepack.train import eps as T
+    from vaepack.train.config import EpsTrainConfig
+
+    def train(encoder_id, data, run, **kw):  # run_train_eps with its config built from keywords
+        return T.run_train_eps(EpsTrainConfig(encoder_id, data, run, **kw))
 
     monkeypatch.setenv("VAEPACK_MIRROR", str(SHARED_WEIGHTS))
     monkeypatch.setenv("VAEPACK_HOME", str(tmp_path / "home"))
@@ -195,8 +199,8 @@ def test_tiny_training_lowers_loss_and_round_trips(tmp_path, monkeypatch):
         im.save(data / f"im{i}.png")
     run = tmp_path / "run"
     kw = dict(batch=2, crop=32, lr=2e-3, warmup=1, w_perc=0.5, w_adv=0.5, adv_start=5, seed=0,
-              config=dict(**TINY), log_every=5)
-    r0 = T.run_train_eps("taef2", data, run, steps=1, **kw)
+              model_config=dict(**TINY), log_every=5)
+    r0 = train("taef2", data, run, steps=1, **kw)
     cache = T.LatentCache(Path(run / "cache_taef2.safetensors"), "taef2", None, base=True)
     g = torch.Generator().manual_seed(123)
     x, z, b = cache.batch(4, 32, g, cache.usable(32))
@@ -213,7 +217,7 @@ def test_tiny_training_lowers_loss_and_round_trips(tmp_path, monkeypatch):
         return float(((v - (eps - cfg.gamma * x0)) ** 2).mean())
 
     before = loss(r0["export"]["path"])
-    r1 = T.run_train_eps("taef2", data, run, steps=40, ema=0.5, **kw)  # resumes at step 1
+    r1 = train("taef2", data, run, steps=40, ema=0.5, **kw)  # resumes at step 1
     assert r1["step"] == 40
     after = loss(r1["export"]["path"])
     assert after < before
@@ -243,14 +247,14 @@ def test_tiny_training_lowers_loss_and_round_trips(tmp_path, monkeypatch):
     assert all(math.isfinite(ev[k]["psnr"]) for k in ("base", "1", "2"))
 
     # max_minutes=0 stops at once and still leaves a resumable checkpoint
-    r2 = T.run_train_eps("taef2", data, run, steps=100, max_minutes=0, export=False, **kw)
+    r2 = train("taef2", data, run, steps=100, max_minutes=0, export=False, **kw)
     assert r2["step"] == 40 and (run / T.CKPT_NAME).is_file()
     with pytest.raises(UsageError):
-        T.run_train_eps("taesana", data, run, steps=41, **kw)
+        train("taesana", data, run, steps=41, **kw)
 
 
 def test_eval_nfe_rejects_unknown_schedule_before_loading(tmp_path):
-    from vaepack.train_eps import eval_nfe
+    from vaepack.train.eps import eval_nfe
 
     # The weights path does not exist: the schedule is checked first, so the error names the schedule.
     with pytest.raises(UsageError, match="unknown schedule 'cosine'"):

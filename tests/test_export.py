@@ -18,16 +18,18 @@ import pytest
 import torch
 import yaml
 
-from vaepack import export as X
+from vaepack.backends import artifacts as A
+from vaepack.backends import profiles as PF
+from vaepack.export import graph as G
+from vaepack.export import onnx as XO
+from vaepack.export import parity as XP
+from vaepack.export import trt as XT
 from vaepack.errors import BackendUnavailableError, ExportError, UsageError
 from vaepack.paths import manifest_path, shared_dir
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-HAS_KL = importlib.util.find_spec("vaepack.models.autoencoder_kl") is not None
-HAS_STUDENT = importlib.util.find_spec("vaepack.models.student") is not None
-HAS_EPS = importlib.util.find_spec("vaepack.models.eps_unet") is not None
 SHARED_WEIGHTS = (shared_dir() / "weights") if shared_dir() else None
 HAS_TAEF2 = bool(SHARED_WEIGHTS and (SHARED_WEIGHTS / "taef2_decoder.pth").is_file())
 SIZES = ((32, 32), (48, 80))  # small parity sizes: multiples of 16 (FLUX.2 packing) and non-square
@@ -77,18 +79,15 @@ def make_zoo(root: Path, mp: pytest.MonkeyPatch, seed: int = 0) -> dict[str, str
     tae = {"kind": "f8", "latent_channels": 4, "width": 16, "midblock_gn": True}
     add("tae", "tiny-tae", "sd1", {"encoder": ("tae", tae), "decoder": ("tae", tae)})
     add("tae32", "tiny-tae32", "sana", {"encoder": ("tae", {"kind": "f32", "latent_channels": 32, "width": 16})})
-    if HAS_KL:
-        kl = {"latent_channels": 8, "block_out": [16, 16, 32, 32], "layers_per_block": 1, "norm_groups": 8,
-              "quant_conv": True, "flux2_bn": True}
-        add("kl", "tiny-kl", "tinyflux2", {"encoder": ("kl", kl), "decoder": ("kl", kl)}, fp16_safe=False)
-        kl3 = dict(kl, latent_channels=16, flux2_bn=False, quant_conv=False)
-        add("kl_sd3", "tiny-kl-sd3", "sd3", {"encoder": ("kl", kl3), "decoder": ("kl", kl3)})
-    if HAS_STUDENT:
-        add("student", "tiny-student", "sd1",
-            {"encoder": ("student", {"width": 8, "latent_channels": 4, "fused": True, "stage_blocks": [1, 1, 1]})})
-    if HAS_EPS:
-        add("eps", "tiny-eps", "sd1", {"decoder": ("eps", {"latent_channels": 4, "width": 8, "mults": [1, 2],
-                                                           "groups": 4, "steps": 1})})
+    kl = {"latent_channels": 8, "block_out": [16, 16, 32, 32], "layers_per_block": 1, "norm_groups": 8,
+          "quant_conv": True, "flux2_bn": True}
+    add("kl", "tiny-kl", "tinyflux2", {"encoder": ("kl", kl), "decoder": ("kl", kl)}, fp16_safe=False)
+    kl3 = dict(kl, latent_channels=16, flux2_bn=False, quant_conv=False)
+    add("kl_sd3", "tiny-kl-sd3", "sd3", {"encoder": ("kl", kl3), "decoder": ("kl", kl3)})
+    add("student", "tiny-student", "sd1",
+        {"encoder": ("student", {"width": 8, "latent_channels": 4, "fused": True, "stage_blocks": [1, 1, 1]})})
+    add("eps", "tiny-eps", "sd1", {"decoder": ("eps", {"latent_channels": 4, "width": 8, "mults": [1, 2],
+                                                       "groups": 4, "steps": 1})})
 
     man = root / f"manifest-{seed}.yaml"
     man.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -113,7 +112,7 @@ def out(tmp_path):
 @pytest.fixture(scope="module")
 def tae_decoder(zoo, tmp_path_factory):
     """One shared fp32 export for the tests that only read an artifact."""
-    return X.export_onnx(zoo["tae"], "decoder", tmp_path_factory.mktemp("shared"), parity_sizes=SIZES)
+    return XO.export_onnx(zoo["tae"], "decoder", tmp_path_factory.mktemp("shared"), parity_sizes=SIZES)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -131,11 +130,11 @@ def run_ort(path: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
 
 
-def check_sidecar(res: X.ExportResult, model: str, part: str, precision: str = "fp32"):
+def check_sidecar(res: XO.ExportResult, model: str, part: str, precision: str = "fp32"):
     sc = json.loads(res.sidecar_path.read_text())
     assert sc == res.sidecar
     assert sc["model"] == model and sc["part"] == part and sc["precision"] == precision
-    assert sc["opset"] == X.DEFAULT_OPSET and sc["onnx_sha256"] == _sha(res.onnx_path)
+    assert sc["opset"] == A.DEFAULT_OPSET and sc["onnx_sha256"] == _sha(res.onnx_path)
     from vaepack.loader import load_part
 
     assert sc["weights_sha256"] == load_part(model, "decoder" if part == "eps-step" else part)[2]
@@ -154,25 +153,25 @@ def check_sidecar(res: X.ExportResult, model: str, part: str, precision: str = "
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 @pytest.mark.parametrize("conv", [True, False])
 def test_tae_f8_export(zoo, out, part, conv):
-    res = X.export_onnx(zoo["tae"], part, out, include_convention=conv, parity_sizes=SIZES)
-    assert res.onnx_path == out / f"tiny-tae-{part}-fp32-op{X.DEFAULT_OPSET}{'' if conv else '-raw'}.onnx"
+    res = XO.export_onnx(zoo["tae"], part, out, include_convention=conv, parity_sizes=SIZES)
+    assert res.onnx_path == out / f"tiny-tae-{part}-fp32-op{A.DEFAULT_OPSET}{'' if conv else '-raw'}.onnx"
     assert res.sidecar_path == res.onnx_path.with_suffix(".json")
     sc = check_sidecar(res, zoo["tae"], part)
     assert sc["include_convention"] is conv
     assert {c["input"].split(":")[0] for c in sc["parity"]["checks"]} == {"random", "real"}
     assert_dynamic(res.onnx_path)
     # A third size and batch, not seen at export: the graph is really dynamic.
-    from vaepack.vae import load_vae
+    from vaepack.runtime import load_vae
 
     vae = load_vae(zoo["tae"], parts=(part,))
     x = torch.rand(3, 3, 40, 24) if part == "encoder" else torch.randn(3, 4, 5, 3)
     ref = vae.encode(x) if part == "encoder" else vae.decode(x)
-    got = X.graph_post(sc, run_ort(res.onnx_path, X.graph_pre(sc, x)))
+    got = A.graph_post(sc, run_ort(res.onnx_path, A.graph_pre(sc, x)))
     assert (got - ref).abs().max() <= 1e-4 * (ref.max() - ref.min())
 
 
 def test_tae_f32_encoder_export(zoo, out):
-    res = X.export_onnx(zoo["tae32"], "encoder", out, parity_sizes=((64, 64), (96, 160)))
+    res = XO.export_onnx(zoo["tae32"], "encoder", out, parity_sizes=((64, 64), (96, 160)))
     sc = check_sidecar(res, zoo["tae32"], "encoder")
     assert sc["factor"] == 32 and sc["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
     assert sc["outputs"][0]["shape"] == ["batch", 32, "latent_height", "latent_width"]
@@ -182,9 +181,9 @@ def test_tae_f32_encoder_export(zoo, out):
 @pytest.mark.skipif(not HAS_TAEF2, reason="needs ../shared/weights (TAEF2)")
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 def test_real_taef2_export(zoo, out, part):
-    res = X.export_onnx("taef2", part, out)  # default parity sizes, real weights, real image
+    res = XO.export_onnx("taef2", part, out)  # default parity sizes, real weights, real image
     sc = check_sidecar(res, "taef2", part)
-    assert sc["parity"]["max_rel_err"] <= X.TOLERANCES["fp32"]
+    assert sc["parity"]["max_rel_err"] <= XP.TOLERANCES["fp32"]
     # TAEF2 outputs FLUX.2's normalized *unpacked* latent: no 2x2 packing, so multiples of 8 suffice
     # (a KL FLUX.2 export needs 16, see test_kl_flux2_bn_export).
     assert sc["space"]["norm"] == "flux2_bn" and sc["size_multiple"] == 8
@@ -192,15 +191,14 @@ def test_real_taef2_export(zoo, out, part):
 
 @pytest.mark.skipif(not HAS_TAEF2, reason="needs ../shared/weights (TAESana)")
 def test_real_taesana_export(zoo, out):
-    res = X.export_onnx("taesana", "encoder", out)
+    res = XO.export_onnx("taesana", "encoder", out)
     check_sidecar(res, "taesana", "encoder")
 
 
-@pytest.mark.skipif(not HAS_KL, reason="vaepack/models/autoencoder_kl.py not there yet")
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 @pytest.mark.parametrize("conv", [True, False])
 def test_kl_flux2_bn_export(zoo, out, part, conv):
-    res = X.export_onnx(zoo["kl"], part, out, include_convention=conv, parity_sizes=SIZES)
+    res = XO.export_onnx(zoo["kl"], part, out, include_convention=conv, parity_sizes=SIZES)
     sc = check_sidecar(res, zoo["kl"], part)
     assert sc["image_range"] == "-1,1" and sc["native_is_diffusion"] is False
     assert len(sc["bn_stats"]["running_mean"]) == 32  # 4 x 8 packed channels, recorded for runners
@@ -208,22 +206,19 @@ def test_kl_flux2_bn_export(zoo, out, part, conv):
     assert_dynamic(res.onnx_path)
 
 
-@pytest.mark.skipif(not HAS_KL, reason="vaepack/models/autoencoder_kl.py not there yet")
 def test_kl_scale_shift_decoder_export(zoo, out):
-    res = X.export_onnx(zoo["kl_sd3"], "decoder", out, parity_sizes=SIZES)
+    res = XO.export_onnx(zoo["kl_sd3"], "decoder", out, parity_sizes=SIZES)
     check_sidecar(res, zoo["kl_sd3"], "decoder")
 
 
-@pytest.mark.skipif(not HAS_STUDENT, reason="vaepack/models/student.py not there yet")
 def test_student_export(zoo, out):
-    res = X.export_onnx(zoo["student"], "encoder", out, parity_sizes=SIZES)
+    res = XO.export_onnx(zoo["student"], "encoder", out, parity_sizes=SIZES)
     check_sidecar(res, zoo["student"], "encoder")
     assert_dynamic(res.onnx_path)
 
 
-@pytest.mark.skipif(not HAS_EPS, reason="vaepack/models/eps_unet.py not there yet")
 def test_eps_step_export(zoo, out):
-    res = X.export_onnx(zoo["eps"], "eps-step", out, parity_sizes=SIZES)
+    res = XO.export_onnx(zoo["eps"], "eps-step", out, parity_sizes=SIZES)
     sc = check_sidecar(res, zoo["eps"], "eps-step")
     assert [t["name"] for t in sc["inputs"]] == ["x_t", "t", "z"] and sc["outputs"][0]["name"] == "v"
     assert sc["include_convention"] is False
@@ -233,45 +228,43 @@ def test_eps_step_export(zoo, out):
 
 @pytest.mark.slow
 def test_dynamo_exporter(zoo, out):
-    res = X.export_onnx(zoo["tae"], "decoder", out, exporter="dynamo", opset=18, parity_sizes=SIZES)
+    res = XO.export_onnx(zoo["tae"], "decoder", out, exporter="dynamo", opset=18, parity_sizes=SIZES)
     assert res.sidecar["exporter"] == "dynamo" and res.parity["passed"]
     assert_dynamic(res.onnx_path)
 
 
 def test_eps_step_needs_eps_family(zoo, out):
     with pytest.raises(UsageError, match="eps-VAE"):
-        X.export_onnx(zoo["tae"], "eps-step", out)
+        XO.export_onnx(zoo["tae"], "eps-step", out)
 
 
-@pytest.mark.skipif(not HAS_EPS, reason="vaepack/models/eps_unet.py not there yet")
 def test_eps_sampler_is_not_one_graph(zoo, out):
     with pytest.raises(UsageError, match="eps-step"):
-        X.export_onnx(zoo["eps"], "decoder", out)
+        XO.export_onnx(zoo["eps"], "decoder", out)
 
 
 # --------------------------------------------------------------------------- precisions
 def test_fp16_export(zoo, out):
-    res = X.export_onnx(zoo["tae"], "decoder", out, precision="fp16", parity_sizes=SIZES)
+    res = XO.export_onnx(zoo["tae"], "decoder", out, precision="fp16", parity_sizes=SIZES)
     sc = check_sidecar(res, zoo["tae"], "decoder", "fp16")
     assert sc["graph_precision"] == "fp16" and sc["io_dtype"] == "float32"
-    assert sc["parity"]["tolerance_rel"] == X.TOLERANCES["fp16"]
+    assert sc["parity"]["tolerance_rel"] == XP.TOLERANCES["fp16"]
     m = onnx.load(str(res.onnx_path))
     types_ = {i.data_type for i in m.graph.initializer if len(i.dims) == 4}
     assert types_ == {onnx.TensorProto.FLOAT16}  # conv weights are fp16
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    fp32 = X.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES)
+    fp32 = XO.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES)
     assert res.onnx_path.stat().st_size < 0.7 * fp32.onnx_path.stat().st_size
 
 
-@pytest.mark.skipif(not HAS_KL, reason="vaepack/models/autoencoder_kl.py not there yet")
 def test_fp16_refused_for_unsafe_model(zoo, out):
     with pytest.raises(UsageError, match="fp16"):
-        X.export_onnx(zoo["kl"], "decoder", out, precision="fp16")
+        XO.export_onnx(zoo["kl"], "decoder", out, precision="fp16")
     assert not out.exists() or not any(out.iterdir())
 
 
 def test_bf16_export_is_fp32_graph(zoo, out):
-    res = X.export_onnx(zoo["tae"], "decoder", out, precision="bf16", parity_sizes=SIZES)
+    res = XO.export_onnx(zoo["tae"], "decoder", out, precision="bf16", parity_sizes=SIZES)
     sc = res.sidecar
     assert sc["precision"] == "bf16" and sc["graph_precision"] == "fp32"
     has_ov = importlib.util.find_spec("openvino") is not None
@@ -285,12 +278,12 @@ def test_bad_arguments(zoo, out, kw, match):
     args = {"part": "decoder", **kw}
     part = args.pop("part")
     with pytest.raises(UsageError, match=match):
-        X.export_onnx(zoo["tae"], part, out, **args)
+        XO.export_onnx(zoo["tae"], part, out, **args)
 
 
 def test_part_missing(zoo, out):
     with pytest.raises(UsageError, match="has no decoder"):
-        X.export_onnx(zoo["tae32"], "decoder", out)
+        XO.export_onnx(zoo["tae32"], "decoder", out)
 
 
 # --------------------------------------------------------------------------- atomicity, refusal
@@ -299,12 +292,12 @@ def _listing(d: Path) -> dict[str, str]:
 
 
 def test_parity_failure_writes_nothing(zoo, out):
-    good = X.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES)
+    good = XO.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES)
     before = _listing(out)
     with pytest.raises(ExportError, match="parity check failed.*nothing was written"):
-        X.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES, tolerance=-1.0)
+        XO.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES, tolerance=-1.0)
     assert _listing(out) == before  # old artifact intact, no temp files left
-    X.verify_artifact(good.onnx_path)
+    A.verify_artifact(good.onnx_path)
 
 
 def test_exporter_crash_leaves_no_partial_file(zoo, out, monkeypatch):
@@ -312,91 +305,91 @@ def test_exporter_crash_leaves_no_partial_file(zoo, out, monkeypatch):
         Path(path).write_bytes(b"partial")
         raise ExportError("simulated exporter failure")
 
-    monkeypatch.setattr(X, "_torch_export", boom)
+    monkeypatch.setattr(G, "torch_export", boom)
     with pytest.raises(ExportError, match="simulated"):
-        X.export_onnx(zoo["tae"], "encoder", out, parity_sizes=SIZES)
+        XO.export_onnx(zoo["tae"], "encoder", out, parity_sizes=SIZES)
     assert _listing(out) == {}
 
 
 def test_refuses_mismatched_sidecar(zoo, out):
-    res = X.export_onnx(zoo["tae"], "encoder", out, parity_sizes=SIZES)
-    X.verify_artifact(res.onnx_path)
+    res = XO.export_onnx(zoo["tae"], "encoder", out, parity_sizes=SIZES)
+    A.verify_artifact(res.onnx_path)
     sc = json.loads(res.sidecar_path.read_text())
     res.sidecar_path.write_text(json.dumps(dict(sc, weights_sha256="0" * 64)))
     with pytest.raises(ExportError, match="re-export"):
-        X.verify_artifact(res.onnx_path)
+        A.verify_artifact(res.onnx_path)
     res.sidecar_path.write_text(json.dumps(sc))
     with open(res.onnx_path, "ab") as f:  # same sidecar, different file
         f.write(b"\0")
     with pytest.raises(ExportError, match="does not match its sidecar"):
-        X.verify_artifact(res.onnx_path)
+        A.verify_artifact(res.onnx_path)
     res.sidecar_path.unlink()
     with pytest.raises(ExportError, match="no sidecar"):
-        X.verify_artifact(res.onnx_path)
+        A.verify_artifact(res.onnx_path)
 
 
 def test_refuses_export_of_replaced_weights(tmp_path, out):
     """The model's weights change after the export (new file, new hash): the artifact is refused."""
     with pytest.MonkeyPatch.context() as mp:
         ids = make_zoo(tmp_path / "a", mp, seed=0)
-        res = X.export_onnx(ids["tae"], "encoder", out, parity_sizes=SIZES)
+        res = XO.export_onnx(ids["tae"], "encoder", out, parity_sizes=SIZES)
         make_zoo(tmp_path / "b", mp, seed=7)  # same model id, different weights
         with pytest.raises(ExportError, match="exported from weights"):
-            X.verify_artifact(res.onnx_path)
+            A.verify_artifact(res.onnx_path)
 
 
 def test_output_exists_without_force(zoo, out):
-    X.export_onnx(zoo["tae"], "encoder", out, parity_sizes=SIZES)
+    XO.export_onnx(zoo["tae"], "encoder", out, parity_sizes=SIZES)
     from vaepack.errors import OutputExistsError
 
     with pytest.raises(OutputExistsError):
-        X.export_onnx(zoo["tae"], "encoder", out, parity_sizes=SIZES, force=False)
+        XO.export_onnx(zoo["tae"], "encoder", out, parity_sizes=SIZES, force=False)
 
 
 def test_default_out_dir(zoo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = X.export_onnx(zoo["tae"], "encoder", parity_sizes=SIZES)
+    res = XO.export_onnx(zoo["tae"], "encoder", parity_sizes=SIZES)
     assert res.onnx_path.parent == tmp_path / "export" / "artifacts"
 
 
 # --------------------------------------------------------------------------- TensorRT profiles
 @pytest.mark.parametrize("name", ["preview-512", "hires-1024", "batch-256"])
 def test_shipped_profiles(name):
-    p = X.load_profile(name)
+    p = PF.load_profile(name)
     assert p.name == name and p.batch.min <= p.batch.opt <= p.batch.max
     assert p.precision_for("tae", True) == "fp16"
     assert p.precision_for("kl", False) == "bf16"  # SDXL/FLUX-class decoders never get fp16
     assert p.precision_for("kl", True) == "fp16"
-    assert name in X.list_profiles()
+    assert name in PF.list_profiles()
 
 
 def test_profile_shapes_and_refusal(tae_decoder):
     res = tae_decoder
-    p = X.load_profile("preview-512")
-    shapes = X.profile_shapes(p, res.sidecar)
+    p = PF.load_profile("preview-512")
+    shapes = PF.profile_shapes(p, res.sidecar)
     assert shapes["latent"] == ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 64, 64))
-    X.check_profile_shape(p, res.sidecar, (2, 4, 64, 48))
+    PF.check_profile_shape(p, res.sidecar, (2, 4, 64, 48))
     with pytest.raises(UsageError, match="outside TensorRT profile 'preview-512'"):
-        X.check_profile_shape(p, res.sidecar, (1, 4, 128, 128))  # 1024 px
+        PF.check_profile_shape(p, res.sidecar, (1, 4, 128, 128))  # 1024 px
     with pytest.raises(UsageError, match="preview-512"):
-        X.check_profile_shape(p, res.sidecar, (8, 4, 64, 64))  # batch 8
+        PF.check_profile_shape(p, res.sidecar, (8, 4, 64, 64))  # batch 8
 
 
 def test_profile_errors(tmp_path):
     with pytest.raises(UsageError, match="unknown TensorRT profile 'nope'.*preview-512"):
-        X.load_profile("nope")
+        PF.load_profile("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nbatch: {min: 4, opt: 1, max: 2}\nheight: {min: 8, opt: 8, max: 8}\n"
                    "width: {min: 8, opt: 8, max: 8}\n")
     with pytest.raises(UsageError, match=r"bad\.yaml.*min <= opt <= max"):
-        X.load_profile(bad)
+        PF.load_profile(bad)
     bad.write_text("name: [unclosed\n")
     with pytest.raises(UsageError, match="invalid YAML"):
-        X.load_profile(bad)
+        PF.load_profile(bad)
     bad.write_text("batch: {min: 1, opt: 1, max: 1}\nheight: {min: 8, opt: 8, max: 8}\n"
                    "width: {min: 8, opt: 8, max: 8}\nprecision: {tae: [int4]}\n")
     with pytest.raises(UsageError, match="int4"):
-        X.load_profile(bad)
+        PF.load_profile(bad)
 
 
 def _trt_ready() -> bool:
@@ -406,36 +399,34 @@ def _trt_ready() -> bool:
 @pytest.mark.skipif(_trt_ready(), reason="TensorRT and a GPU are present")
 def test_trt_build_fails_clearly_without_gpu(tae_decoder):
     with pytest.raises(BackendUnavailableError, match="TensorRT|CUDA"):
-        X.build_trt_engine(tae_decoder.onnx_path, "preview-512")
+        XT.build_trt_engine(tae_decoder.onnx_path, "preview-512")
 
 
 @pytest.mark.skipif(_trt_ready(), reason="TensorRT and a GPU are present")
 def test_export_trt_checks_tensorrt_before_exporting(zoo, out):
     with pytest.raises(BackendUnavailableError):
-        X.export_trt(zoo["tae"], "decoder", "preview-512", out_dir=out)
+        XT.export_trt(zoo["tae"], "decoder", "preview-512", out_dir=out)
     assert not out.exists() or not any(out.iterdir())
 
 
 def test_parity_summary(tae_decoder):
     res = tae_decoder
-    lines = X.parity_summary(res.parity)
+    lines = XP.parity_summary(res.parity)
     assert len(lines) == len(res.parity["checks"]) + 1 and lines[-1].startswith("parity passed")
 
 
 def test_trt_refuses_fp16_for_unsafe_before_building(zoo, out):
-    if not HAS_KL:
-        pytest.skip("vaepack/models/autoencoder_kl.py not there yet")
-    res = X.export_onnx(zoo["kl"], "decoder", out, parity_sizes=SIZES)
+    res = XO.export_onnx(zoo["kl"], "decoder", out, parity_sizes=SIZES)
     with pytest.raises(UsageError, match="overflows in fp16"):
-        X.build_trt_engine(res.onnx_path, "preview-512", "fp16")
+        XT.build_trt_engine(res.onnx_path, "preview-512", "fp16")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _trt_ready(), reason="needs TensorRT and a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_trt_engine_build_and_parity(zoo, out, precision):
-    res = X.export_onnx(zoo["tae"], "decoder", out, precision=precision, parity_sizes=SIZES)
-    eng = X.build_trt_engine(res.onnx_path, "preview-512", precision)
-    esc = X.read_engine_sidecar(eng)
+    res = XO.export_onnx(zoo["tae"], "decoder", out, precision=precision, parity_sizes=SIZES)
+    eng = XT.build_trt_engine(res.onnx_path, "preview-512", precision)
+    esc = A.read_engine_sidecar(eng)
     assert esc["parity"]["passed"] and esc["engine_precision"] == precision
     assert esc["strongly_typed"] is True and Path(esc["timing_cache"]).is_file()

@@ -4,6 +4,7 @@ untiled runs on a dev photo, latent files (vaepack and ComfyUI), batching and pr
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def vae(shared_weights):
-    from vaepack.vae import load_vae
+    from vaepack.runtime import load_vae
 
     return load_vae("taef2", device="cpu")
 
@@ -109,7 +110,7 @@ def test_tiled_matches_untiled_on_a_dev_photo(vae, photo):
 
 def test_tiled_matches_untiled_for_the_default_model(photo):
     """The default's encoder starts with a space-to-depth conv (no full-resolution stage): tiles still line up."""
-    from vaepack.vae import load_vae
+    from vaepack.runtime import load_vae
 
     v = load_vae("default", device="cpu", backend="torch")
     tiles = P.TileOptions(budget=128 * 128, tile=128, overlap=32)
@@ -121,7 +122,7 @@ def test_tiled_matches_untiled_for_the_default_model(photo):
 def test_tiled_runs_bypass_a_runner(shared_weights, photo):
     """A runtime backend (OpenVINO, ONNX Runtime) takes whole images; a tiled run uses the torch split
     instead (a tiled whole-network runner would see GroupNorm statistics per tile)."""
-    from vaepack.vae import load_vae
+    from vaepack.runtime import load_vae
 
     v = load_vae("taef2", device="cpu")
     calls = []
@@ -235,7 +236,7 @@ def test_batch_of_mixed_sizes_falls_back(vae):
 
 
 def test_bf16_encode_close_to_fp32(shared_weights):
-    from vaepack.vae import load_vae
+    from vaepack.runtime import load_vae
 
     x = smooth_image(64, 64, seed=4)
     z32 = load_vae("taef2", parts=("encoder",), device="cpu").encode(x[None])
@@ -248,7 +249,7 @@ def test_bf16_encode_close_to_fp32(shared_weights):
 
 def test_fp16_refused_for_unsafe_model_before_loading(tmp_path, monkeypatch):
     """The dtype check runs first: the entry points to a file that does not exist anywhere."""
-    from vaepack.vae import load_vae
+    from vaepack.runtime import load_vae
 
     data = yaml.safe_load(manifest_path().read_text())
     entry = json.loads(json.dumps(data["models"]["taef2"]))
@@ -266,3 +267,172 @@ def test_fp16_refused_for_unsafe_model_before_loading(tmp_path, monkeypatch):
         load_vae("flux2-vae", dtype="fp16")
     with pytest.raises(UsageError, match="unknown dtype"):
         load_vae("taef2", dtype="fp8")
+
+
+# --------------------------------------------------------------------------- tile by tile (memory)
+@pytest.mark.parametrize("scale", [0.5, 1.5])
+@pytest.mark.parametrize("filter", P.FILTERS)
+def test_tile_remap_matches_the_whole_image_resize(photo, scale, filter):
+    """A tiled encode reads each tile from the uint8 image (tiling.Remap) with torch's own resize
+    weights per axis, so its tiles are the whole-image remap + padding up to float rounding."""
+    from vaepack import tiling as T
+
+    x8 = (photo * 255).round().to(torch.uint8)[:, :101, :157]  # odd sizes: padded at the right and bottom
+    xp, _, size, pad = P.prepare(x8, 8, scale, filter)
+    src = T.Remap(x8, size, filter, pad)
+    assert tuple(src.shape) == tuple(xp.shape)
+    h, w = xp.shape[-2:]
+    for y0, y1, x0, x1 in [(0, h, 0, w), (0, 40, 8, 64), (h - 24, h, w - 40, w)]:
+        torch.testing.assert_close(src.region(y0, y1, x0, x1), xp[..., y0:y1, x0:x1], atol=1e-6, rtol=0)
+
+
+def test_rows_resized_as_they_arrive_match_the_whole_resize():
+    """Decoded rows are resized back as they finish (tiling.Resize), equal to resizing the whole image."""
+    from vaepack import tiling as T
+
+    img = torch.rand(1, 3, 75, 113, generator=torch.Generator().manual_seed(0))
+    for dst, filt in [((50, 75), "bilinear"), ((50, 75), "bicubic"), ((150, 226), "bilinear")]:
+        canvas = T.Canvas(1, 3, *dst)
+        sink = T.Resize(canvas, (75, 113), dst, filt, chunk=8)
+        for top in range(0, 75, 13):
+            sink.write(top, img[..., top:top + 13, :])
+        torch.testing.assert_close(canvas.tensor, P.resize(img, dst, filt).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_groupnorm_halves_run_in_strips_exactly(vae):
+    """The halves that need whole-image GroupNorm statistics (TAEF2's encoder tail, decoder head) run
+    in row strips with statistics gathered over all strips: the whole-tensor result, not an approximation."""
+    from vaepack import tiling as T
+
+    g = torch.Generator().manual_seed(0)
+    _, tail = vae.parts["encoder"].split
+    head, _ = vae.parts["decoder"].split
+    feat, z = torch.randn(1, 64, 37, 29, generator=g), torch.randn(1, 32, 37, 29, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(T.run_strips(tail, feat.clone(), 6, owned=True), tail(feat), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(T.run_strips(head, z, 6), head(z), atol=1e-5, rtol=1e-5)
+
+
+def test_uint8_images_encode_exactly_as_float(vae, dev_photo):
+    from vaepack.io import image_float, load_image
+
+    x8, x = load_image(dev_photo, uint8=True)[:, :96, :128], load_image(dev_photo)[:, :96, :128]
+    assert x8.dtype == torch.uint8 and torch.equal(image_float(x8), x)
+    for scale in (1.0, 1.5):  # untiled: the same latent as the float image gives
+        assert torch.equal(P.encode_tensor(vae, x8, scale=scale).latent, P.encode_tensor(vae, x, scale=scale).latent)
+
+
+def test_decode_image_is_the_saved_decode_record(vae, photo):
+    """decode_image (8-bit, filled strip by strip) holds the pixels save_image(decode_record(...)) writes."""
+    import numpy as np
+
+    from vaepack.io import tensor_to_pil
+
+    rec = P.encode_tensor(vae, photo, scale=1.5)
+    for tiles in (P.TileOptions(budget=128 * 128, tile=128, overlap=32), P.TileOptions(budget=0)):
+        im = P.decode_image(vae, rec, tiles=tiles)
+        ref = tensor_to_pil(P.decode_record(vae, rec, tiles=tiles))
+        assert im.size == ref.size == (256, 192) and np.array_equal(np.asarray(im.image), np.asarray(ref))
+
+
+def test_tiled_runs_record_the_backend_that_ran(shared_weights, photo, tmp_path):
+    """With a runner loaded (e.g. OpenVINO bf16), a tiled run uses the torch module at the VAE's dtype:
+    the record, its latent file and decode_runtime say so; untiled runs name the runner. Files
+    written before the ``backend`` key existed still load."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from vaepack.runtime import load_vae
+
+    v = load_vae("taef2", device="cpu", backend="torch")
+    v.parts["encoder"].runner = lambda x: torch.zeros(x.shape[0], 32, x.shape[-2] // 8, x.shape[-1] // 8)
+    v.parts["decoder"].runner = lambda z: torch.zeros(z.shape[0], 3, z.shape[-2] * 8, z.shape[-1] * 8)
+    for part in ("encoder", "decoder"):
+        v.parts[part].backend, v.parts[part].precision = "openvino", "bf16"
+    tiles = P.TileOptions(budget=128 * 128, tile=128, overlap=32)
+    rec = P.encode_tensor(v, photo, tiles=tiles)
+    assert (rec.backend, rec.dtype) == ("torch", "fp32") and rec.latent.abs().sum() > 0
+    assert P.decode_runtime(v, rec, tiles) == {"backend": "torch", "dtype": "fp32"}
+    small = P.encode_tensor(v, photo[:, :64, :64], tiles=tiles)
+    assert (small.backend, small.dtype) == ("openvino", "bf16")
+    assert P.decode_runtime(v, small, tiles) == {"backend": "openvino", "dtype": "bf16"}
+    f = tmp_path / "a.latent.safetensors"
+    L.save_latent(f, rec)
+    assert L.load_latent(f).backend == "torch"
+    with safe_open(str(f), framework="pt") as sf:
+        meta = dict(sf.metadata())
+    del meta["backend"]
+    save_file(load_file(str(f)), str(f), metadata=meta)
+    old = L.load_latent(f)
+    assert old.backend == "" and old.dtype == "fp32"
+
+
+_MEMORY_PROBE = r"""
+import json, resource, sys
+import torch
+torch.set_num_threads(1)
+from vaepack.cli.app import main
+
+d, opts = sys.argv[1], ["-m", "tiny-tae", "--backend", "torch", "--tile-size", "256", "--tile-overlap", "32"]
+peak = {}
+for name in sys.argv[2:]:
+    lat = f"{d}/{name}.latent.safetensors"
+    assert main(["encode", f"{d}/{name}.png", "-o", lat, *opts]) == 0
+    assert main(["decode", lat, "-o", f"{d}/{name}.recon.png", *opts[2:]]) == 0
+    peak[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+print(json.dumps(peak))
+"""
+
+
+def _tiny_tae(root) -> dict[str, str]:
+    """A manifest with a tiny random TAEF2-like model (GroupNorm midblocks, no full-resolution stage)
+    and a mirror holding its weights: the environment a child process needs to run it."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from vaepack.loader import build_part
+    from vaepack.manifest import PartSpec
+
+    data = yaml.safe_load(manifest_path().read_text())
+    cfg = {"kind": "f8", "latent_channels": 4, "width": 8, "midblock_gn": True}
+    parts = {"encoder": dict(cfg, blocks=[0, 1, 1, 1], stem="s2d"), "decoder": dict(cfg, blocks=[1, 1, 1, 0])}
+    entry = {}
+    for i, (part, c) in enumerate(parts.items()):
+        torch.manual_seed(i)
+        f = root / f"tiny-tae-{part}.safetensors"
+        save_file({k: v.contiguous() for k, v in build_part(PartSpec(part, "tae", c, ()), "tiny-tae").state_dict().items()},
+                  str(f))
+        entry[part] = {"family": "tae", "config": c, "files": [{"name": f.name, "url": None, "size": f.stat().st_size,
+                                                                 "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}]}
+    data["models"]["tiny-tae"] = {"description": "test", "license": "MIT", "space": "sd1", "fp16_safe": True,
+                                  "parts": entry}
+    (root / "manifest.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return {"VAEPACK_MANIFEST": str(root / "manifest.yaml"), "VAEPACK_MIRROR": str(root),
+            "VAEPACK_HOME": str(root / "home"), "VAEPACK_TILE_BUDGET": str(256 * 256)}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+def test_tiled_memory_grows_with_the_tile_not_the_float_image(tmp_path):
+    """encode + decode (CLI, in a child process) of a 2048x2048 image after a 512x512 one, both tiled:
+    the peak RSS may grow by less than twice the big image as float32 (the old path held the float
+    image and its remapped, padded and channels-last copies: ~3.4x here, 3.56 GB at 8192x8192)."""
+    import os
+    import subprocess
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("small", 512), ("big", 2048)):
+        low = torch.rand(1, 3, n // 16, n // 16, generator=g)
+        x = torch.nn.functional.interpolate(low, size=(n, n), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        Image.fromarray(x.mul(255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / f"{name}.png")
+    env = {**os.environ, **_tiny_tae(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path), "small", "big"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    peak = json.loads(p.stdout.strip().splitlines()[-1])
+    float_image = 3 * 2048 * 2048 * 4
+    growth = peak["big"] - peak["small"]
+    assert growth < 2 * float_image, f"peak RSS grew {growth / 2**20:.0f} MB (float image {float_image / 2**20:.0f} MB)"
+    assert Image.open(tmp_path / "big.recon.png").size == (2048, 2048)

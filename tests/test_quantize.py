@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from vaepack import export as X
+from vaepack.export import onnx as XO
+from vaepack.export import parity as XP
+from vaepack.export import trt as XT
+from vaepack import weights as W
 from vaepack import quantize as Q
 from vaepack import runtime as R
 from vaepack.errors import ExportError, UsageError
@@ -76,7 +79,7 @@ def tiny_int8(zoo, photos, tmp_path_factory):
     res = {}
     for part in ("encoder", "decoder"):
         cal = Q.calibrate(entry, part, _images(photos), scale=1.0, crop=64, source="photos")
-        res[part] = (cal, X.export_onnx(entry, part, out, precision="int8", calibration=cal, parity_sizes=SIZES))
+        res[part] = (cal, XO.export_onnx(entry, part, out, precision="int8", calibration=cal, parity_sizes=SIZES))
     return res
 
 
@@ -113,7 +116,7 @@ def test_int8_export_graph_and_sidecar(zoo, tiny_int8, part):
     q = sc["int8"]
     assert q["calibration_sha256"] == Q.calibration_sha256(cal)
     assert q["quantized_convs"] == len(cal["ranges"]) and q["float_convs"] == 0
-    assert sc["parity"]["passed"] and sc["parity"]["tolerance_rel"] == X.TOLERANCES["int8"]
+    assert sc["parity"]["passed"] and sc["parity"]["tolerance_rel"] == XP.TOLERANCES["int8"]
     assert len({tuple(c["shape"][-2:]) for c in sc["parity"]["checks"]}) == 2
     m = onnx.load(str(res.onnx_path))
     onnx.checker.check_model(m, full_check=True)
@@ -145,18 +148,18 @@ def test_int8_runtimes_agree_with_torch_and_each_other(zoo, tiny_int8, photos, p
     ort = R.get_backend("onnxruntime", zoo["tae"], part, "int8", onnx_path=res.onnx_path)
     y = ort(x)
     assert y.shape == ref.shape
-    assert _rel(y, ref) <= X.TOLERANCES["int8"]
-    assert _rel(y, ref) > X.TOLERANCES["fp32"]  # it really is quantized
+    assert _rel(y, ref) <= XP.TOLERANCES["int8"]
+    assert _rel(y, ref) > XP.TOLERANCES["fp32"]  # it really is quantized
     if HAS_OV:
         ov = R.get_backend("openvino", zoo["tae"], part, "int8", onnx_path=res.onnx_path)
         z = ov(x)
-        assert _rel(z, ref) <= X.TOLERANCES["int8"]
+        assert _rel(z, ref) <= XP.TOLERANCES["int8"]
         # same graph, two int8 implementations: far closer to each other than to fp32
-        assert _rel(z, y) <= 0.5 * X.TOLERANCES["int8"]
+        assert _rel(z, y) <= 0.5 * XP.TOLERANCES["int8"]
 
 
 def test_int8_precision_needs_the_int8_graph(zoo, tiny_int8, tmp_path):
-    fp32 = X.export_onnx(zoo["tae"], "encoder", tmp_path, parity_sizes=SIZES)
+    fp32 = XO.export_onnx(zoo["tae"], "encoder", tmp_path, parity_sizes=SIZES)
     with pytest.raises(UsageError, match="int8 needs the int8 export"):
         R.get_backend("onnxruntime", zoo["tae"], "encoder", "int8", onnx_path=fp32.onnx_path)
     with pytest.raises(UsageError, match="needs the fp32 export"):
@@ -166,7 +169,7 @@ def test_int8_precision_needs_the_int8_graph(zoo, tiny_int8, tmp_path):
 # --------------------------------------------------------------------------- where calibrations come from
 def test_no_calibration_is_a_clear_usage_error(zoo, tmp_path, fresh_home):
     with pytest.raises(UsageError, match="no int8 calibration.*") as e:
-        X.export_onnx(zoo["tae"], "encoder", tmp_path, precision="int8", parity_sizes=SIZES)
+        XO.export_onnx(zoo["tae"], "encoder", tmp_path, precision="int8", parity_sizes=SIZES)
     assert "--calibration DIR" in e.value.hint
     with pytest.raises(UsageError, match="no int8 calibration"):
         R.get_backend("onnxruntime", zoo["tae"], "encoder", "int8")
@@ -176,7 +179,7 @@ def test_no_calibration_is_a_clear_usage_error(zoo, tmp_path, fresh_home):
 def test_prepared_calibration_is_cached_and_keys_the_export(zoo, photos, fresh_home, tmp_path):
     entry = get_model(zoo["tae"])
     cal = Q.prepare_calibration(entry, "encoder", photos, count=6, scale=1.0, crop=64)
-    digest = X.weights_digest(entry, "encoder")
+    digest = W.weights_digest(entry, "encoder")
     assert Q.cached_calibration_path(entry, "encoder", digest).is_file()
     r = R.get_backend("onnxruntime", zoo["tae"], "encoder", "int8")  # the cached calibration, exported on use
     assert r.sidecar["int8"]["calibration_sha256"] == Q.calibration_sha256(cal)
@@ -209,12 +212,12 @@ def test_int8_refused_where_it_does_not_apply(zoo, tiny_int8, tmp_path):
     with pytest.raises(UsageError, match="int8 runs on the exported graph|precision"):
         R.get_backend("torch", zoo["tae"], "encoder", "int8")
     with pytest.raises(UsageError, match="calibration is for --precision int8"):
-        X.export_onnx(zoo["tae"], "encoder", tmp_path, calibration=tiny_int8["encoder"][0], parity_sizes=SIZES)
+        XO.export_onnx(zoo["tae"], "encoder", tmp_path, calibration=tiny_int8["encoder"][0], parity_sizes=SIZES)
     with pytest.raises(UsageError, match="asymmetric"):
-        X.export_trt(zoo["tae"], "decoder", profile="preview-512", precision="int8", out_dir=tmp_path)
+        XT.export_trt(zoo["tae"], "decoder", profile="preview-512", precision="int8", out_dir=tmp_path)
     if "eps" in zoo:
         with pytest.raises(UsageError, match="not the eps denoiser step"):
-            X.export_onnx(zoo["eps"], "eps-step", tmp_path, precision="int8")
+            XO.export_onnx(zoo["eps"], "eps-step", tmp_path, precision="int8")
 
 
 # --------------------------------------------------------------------------- the shipped calibration
@@ -223,7 +226,7 @@ def test_default_encoder_ships_a_verified_calibration(monkeypatch, tmp_path):
     spec = entry.part("encoder").int8_calibration
     assert spec is not None and entry.part("decoder").int8_calibration is None  # decoder: -0.11 dB
     p = Q.shipped_calibration(entry, "encoder")
-    cal, where = Q.find_calibration(entry, "encoder", X.weights_digest(entry, "encoder"))
+    cal, where = Q.find_calibration(entry, "encoder", W.weights_digest(entry, "encoder"))
     assert where == str(p) and cal["model"] == entry.id and len(cal["ranges"]) > 20
     assert not entry.part("encoder").int8_auto  # per-photo spread too wide for auto (results/int8.md)
     # a tampered copy is refused
@@ -239,7 +242,7 @@ def test_default_encoder_ships_a_verified_calibration(monkeypatch, tmp_path):
 
 def test_your_calibration_wins_over_the_shipped_one(photos, fresh_home):
     entry = get_model("default")
-    digest = X.weights_digest(entry, "encoder")
+    digest = W.weights_digest(entry, "encoder")
     mine = Q.prepare_calibration(entry, "encoder", photos, count=6, crop=64)
     cal, where = Q.find_calibration(entry, "encoder", digest)
     assert where == str(Q.cached_calibration_path(entry, "encoder", digest)) and cal == mine
@@ -252,7 +255,7 @@ def test_default_encoder_int8_on_a_photo(dev_photo, one_thread):
     photo (the dev-set mean is benchmarks/results/int8.md)."""
     from vaepack import io, metrics
     from vaepack import pipeline as P
-    from vaepack.vae import load_vae
+    from vaepack.runtime import load_vae
 
     x = io.load_image(dev_photo)[:, :128, :192]
     ref_vae = load_vae("default", device="cpu", dtype="fp32")
@@ -261,7 +264,7 @@ def test_default_encoder_int8_on_a_photo(dev_photo, one_thread):
     assert q_vae.precision("encoder") == "int8" and q_vae.parts["encoder"].backend == backend
     xp = P.prepare(x, 8, 1.5, "bilinear")[0]
     z_ref, z_q = ref_vae.encode(xp), q_vae.encode(xp)
-    assert _rel(z_q, z_ref) <= X.TOLERANCES["int8"]
+    assert _rel(z_q, z_ref) <= XP.TOLERANCES["int8"]
     y_ref, _ = P.roundtrip_tensor(ref_vae, ref_vae, x, scale=1.5)
     q_vae.parts["decoder"] = ref_vae.parts["decoder"]
     y_q, rec = P.roundtrip_tensor(q_vae, q_vae, x, scale=1.5)
@@ -320,10 +323,11 @@ def test_cli_export_int8_with_calibration(run_cli, zoo, photos, tmp_path, fresh_
 
 
 def test_bench_int8_rows(one_thread):
-    from vaepack import bench as B
+    from vaepack.bench.run import run_bench
+    from vaepack.bench.schema import validate
 
-    r = B.run_bench(["default"], parts=["encoder", "decoder"], backends=["onnxruntime", "torch"],
-                    precisions=["int8"], sizes=[64], repeat=1, warmup=0)
+    r = run_bench(["default"], parts=["encoder", "decoder"], backends=["onnxruntime", "torch"],
+                  precisions=["int8"], sizes=[64], repeat=1, warmup=0)
     rows = {(x["part"], x["backend"]): x for x in r["rows"]}
     enc = rows[("encoder", "onnxruntime")]
     assert enc["status"] == "ok" and enc["param_dtype"] == "int8 conv weights"
@@ -331,4 +335,4 @@ def test_bench_int8_rows(one_thread):
     assert rows[("decoder", "onnxruntime")]["status"] == "skipped"  # no calibration shipped
     assert "no int8 calibration" in rows[("decoder", "onnxruntime")]["reason"]
     assert rows[("encoder", "torch")]["status"] == "skipped"
-    B.validate(r)
+    validate(r)

@@ -10,7 +10,12 @@ import sys
 import pytest
 import torch
 
-from vaepack import export as X
+from vaepack.backends import artifacts as A
+from vaepack.backends import optional as O
+from vaepack.backends import runners as RN
+from vaepack.export import onnx as XO
+from vaepack.export import parity as XP
+from vaepack.paths import cache_dir
 from vaepack import runtime as R
 from vaepack.errors import BackendUnavailableError, ExportError, UsageError
 
@@ -18,12 +23,12 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 try:  # the zoo helper lives with the export tests (pytest puts tests/ on sys.path)
-    from test_export import HAS_KL, HAS_TAEF2, make_zoo
+    from test_export import HAS_TAEF2, make_zoo
 except ImportError:  # pragma: no cover - tests/ collected as a package
-    from tests.test_export import HAS_KL, HAS_TAEF2, make_zoo
+    from tests.test_export import HAS_TAEF2, make_zoo
 
 HAS_OV = importlib.util.find_spec("openvino") is not None
-FP32, BF16 = X.TOLERANCES["fp32"], X.TOLERANCES["bf16"]
+FP32, BF16 = XP.TOLERANCES["fp32"], XP.TOLERANCES["bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,7 @@ def zoo(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         ids = make_zoo(tmp_path_factory.mktemp("zoo"), mp)
         yield ids
-    R.clear_caches()
+    RN.clear_caches()
 
 
 def _inputs(model: str, part: str, batch: int = 2, size=(48, 80)) -> torch.Tensor:
@@ -50,8 +55,7 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _cases():
     cases = [("tae", "encoder"), ("tae", "decoder"), ("tae32", "encoder")]
-    if HAS_KL:
-        cases += [("kl", "encoder"), ("kl", "decoder"), ("kl_sd3", "decoder")]
+    cases += [("kl", "encoder"), ("kl", "decoder"), ("kl_sd3", "decoder")]
     return cases
 
 
@@ -74,9 +78,7 @@ def test_backends_agree_fp32(zoo, key, part, conv):
 
 @pytest.mark.skipif(not HAS_TAEF2, reason="needs ../shared/weights (TAEF2)")
 def test_real_taef2_roundtrip_across_backends(zoo):
-    from vaepack.export import _fit, _real_image
-
-    img = _fit(_real_image(None)[0], 64, 96)
+    img = XP.fit_image(XP.real_image(None)[0], 64, 96)
     enc_t, dec_t = R.get_backend("torch", "taef2", "encoder"), R.get_backend("torch", "taef2", "decoder")
     z_ref = enc_t(img)
     y_ref = dec_t(z_ref)
@@ -104,12 +106,10 @@ def test_onnxruntime_fp16_graph(zoo):
     ref = R.get_backend("torch", model, "decoder")(x)
     r = R.get_backend("onnxruntime", model, "decoder", "fp16")
     assert r.sidecar["graph_precision"] == "fp16"
-    assert _rel(r(x), ref) <= X.TOLERANCES["fp16"]
+    assert _rel(r(x), ref) <= XP.TOLERANCES["fp16"]
 
 
 def test_eps_step_runner(zoo):
-    if "eps" not in zoo:
-        pytest.skip("vaepack/models/eps_unet.py not there yet")
     from vaepack.loader import load_part
 
     r = R.get_backend("onnxruntime", zoo["eps"], "eps-step")
@@ -127,7 +127,7 @@ def test_export_cache_and_session_reuse(zoo):
     model = zoo["tae"]
     r1 = R.get_backend("onnxruntime", model, "decoder")
     path = r1.onnx_path
-    assert path.parent == X.export_cache_dir() / model
+    assert path.parent == A.export_cache_dir() / model
     mtime = path.stat().st_mtime_ns
     r2 = R.get_backend("onnxruntime", model, "decoder")
     assert r2.onnx_path == path and path.stat().st_mtime_ns == mtime  # reused, not re-exported
@@ -139,7 +139,7 @@ def test_export_cache_and_session_reuse(zoo):
     if HAS_OV:
         o = R.get_backend("openvino", model, "decoder")
         assert o.onnx_path == path  # OpenVINO compiles the same fp32 export
-        assert (X.cache_dir() / "openvino").is_dir()
+        assert (cache_dir() / "openvino").is_dir()
 
 
 def test_cache_is_keyed_by_weights(tmp_path):
@@ -155,11 +155,11 @@ def test_cache_is_keyed_by_weights(tmp_path):
         assert _rel(r(x), ref(x)) <= FP32
         with pytest.raises(ExportError, match="exported from weights"):
             R.get_backend("onnxruntime", ids["tae"], "encoder", onnx_path=p0)  # stale explicit file
-    R.clear_caches()
+    RN.clear_caches()
 
 
 def test_explicit_onnx_path(zoo, tmp_path):
-    res = X.export_onnx(zoo["tae"], "decoder", tmp_path, include_convention=False, parity_sizes=((32, 32), (48, 80)))
+    res = XO.export_onnx(zoo["tae"], "decoder", tmp_path, include_convention=False, parity_sizes=((32, 32), (48, 80)))
     r = R.get_backend("onnxruntime", zoo["tae"], "decoder", onnx_path=res.onnx_path)
     x = _inputs(zoo["tae"], "decoder")
     assert _rel(r(x), R.get_backend("torch", zoo["tae"], "decoder")(x)) <= FP32
@@ -188,7 +188,6 @@ def test_torch_fp16_needs_cuda(zoo):
         R.get_backend("torch", zoo["tae"], "decoder", "fp16", device="cpu")
 
 
-@pytest.mark.skipif(not HAS_KL, reason="vaepack/models/autoencoder_kl.py not there yet")
 def test_fp16_refused_for_unsafe_model(zoo):
     with pytest.raises(UsageError, match="overflows in fp16"):
         R.get_backend("onnxruntime", zoo["kl"], "decoder", "fp16")
@@ -202,10 +201,10 @@ def test_input_validation(zoo):
         r(torch.rand(1, 3, 36, 32))
     with pytest.raises(UsageError, match=r"float \(B, C, H, W\)"):
         r(torch.zeros(3, 32, 32, dtype=torch.uint8))
-    if HAS_KL:  # FLUX.2-style BatchNorm packs 2x2 latents: even latent sizes only
-        d = R.get_backend("onnxruntime", zoo["kl"], "decoder")
-        with pytest.raises(UsageError, match="latent sizes that are multiples of 2"):
-            d(torch.randn(1, 8, 5, 4))
+    # FLUX.2-style BatchNorm packs 2x2 latents: even latent sizes only
+    d = R.get_backend("onnxruntime", zoo["kl"], "decoder")
+    with pytest.raises(UsageError, match="latent sizes that are multiples of 2"):
+        d(torch.randn(1, 8, 5, 4))
 
 
 def test_broken_onnxruntime_mix_detected(monkeypatch):
@@ -220,7 +219,7 @@ def test_broken_onnxruntime_mix_detected(monkeypatch):
 
     monkeypatch.setattr(metadata, "version", fake)
     with pytest.raises(BackendUnavailableError, match="onnxruntime and onnxruntime-gpu.*pip uninstall"):
-        X.require_onnxruntime()
+        O.require_onnxruntime()
     assert "onnxruntime-gpu" in R.available_backends()["onnxruntime"]
 
 
@@ -246,7 +245,7 @@ def test_best_cpu_backend_prefers_openvino(zoo):
 
 def test_missing_onnxruntime(zoo, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    monkeypatch.setattr(X, "onnxruntime_distributions", lambda: [])
+    monkeypatch.setattr(O, "onnxruntime_distributions", lambda: [])
     with pytest.raises(BackendUnavailableError, match=r"vaepack\[onnx\]"):
         R.get_backend("onnxruntime", zoo["tae"], "decoder")
 
@@ -272,7 +271,7 @@ def test_tensorrt_runner(zoo):
     with pytest.raises(UsageError, match="outside TensorRT profile 'preview-512'"):
         r(_inputs(model, "decoder", size=(1024, 1024)))
     r16 = R.get_backend("tensorrt", model, "decoder", "fp16", profile="preview-512")
-    assert _rel(r16(x).cpu(), ref) <= X.TOLERANCES["fp16"]
+    assert _rel(r16(x).cpu(), ref) <= XP.TOLERANCES["fp16"]
 
 
 def test_no_side_effects_at_import(tmp_path):
@@ -283,7 +282,7 @@ def test_no_side_effects_at_import(tmp_path):
     root = os.path.dirname(os.path.dirname(vaepack.__file__))
     env = dict(os.environ, VAEPACK_HOME=str(tmp_path / "home"),
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    code = ("import sys, vaepack.export, vaepack.runtime; "
+    code = ("import sys, vaepack.export.onnx, vaepack.export.trt, vaepack.runtime; "
             "bad = [m for m in ('onnx', 'onnxruntime', 'openvino', 'tensorrt') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(tmp_path),

@@ -65,7 +65,7 @@ def test_taef2_decoder_raw_matches_unclamped_golden(taef2, golden):
 
 def test_taef2_vae_wrapper_matches_golden(golden, shared_weights):
     """The one encode/decode contract: TAE latents pass through unchanged; decode clamps to [0, 1]."""
-    from vaepack.vae import load_vae
+    from vaepack.runtime import load_vae
 
     vae = load_vae("taef2", device="cpu")
     x, z, y = golden

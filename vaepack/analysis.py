@@ -18,7 +18,6 @@ from vaepack.errors import UsageError, VaepackError
 from vaepack.io import center_crop, expand_inputs, load_image
 from vaepack.metrics import image_metrics
 from vaepack.pipeline import TileOptions, decode_record, encode_tensor, resize
-from vaepack.vae import load_vae
 
 METRICS = ("mse", "psnr", "ssim", "ms_ssim")
 Progress = Callable[[str], None]
@@ -56,6 +55,8 @@ def sweep(inputs: list[str], models: list[str], scales: list[float], decoder: st
         raise UsageError("--scales needs positive numbers")
     if crop is not None and crop < 16:
         raise UsageError(f"--crop must be at least 16 px, got {crop}")
+    from vaepack.runtime import load_vae  # here, so importing analysis imports no backend
+
     images = [(p, center_crop(x, crop)) for p, x in _images(inputs)]
     never_tile = TileOptions(budget=0)
     rows = []
@@ -112,6 +113,8 @@ def latent_stats(inputs: list[str], model: str, teacher: str, sizes: list[int], 
     with KL(T||S) (Eq. 2) and JS between the fitted Gaussians (Fig. 5 and 6)."""
     if not sizes or any(s < 8 for s in sizes):
         raise UsageError("--sizes needs sizes of at least 8 px")
+    from vaepack.runtime import load_vae
+
     images = _images(inputs)
     stu = load_vae(model, parts=("encoder",), device=device, dtype=dtype)
     tea = load_vae(teacher, parts=("encoder",), device=device, dtype=dtype)
@@ -163,20 +166,16 @@ def stats_markdown(res: dict) -> str:
 
 def plot_sweep(res: dict, path: Path, metric: str = "psnr") -> None:
     """Metric vs scale, one line per (model, decoder): the paper's Fig. 3."""
-    from vaepack.bench import _line_chart
-    from vaepack.io import atomic_output
+    from vaepack.bench.report import line_chart, save_png
 
     series: dict[str, list[tuple[float, float]]] = {}
     for r in res["rows"]:
         series.setdefault(f"{r['model']} -> {r['decoder']}", []).append((r["scale"], r[metric]))
-    img = _line_chart(series, "input scale", metric.upper(), f"{metric} vs input scale")
-    with atomic_output(Path(path)) as tmp:
-        img.save(tmp, format="PNG")
+    save_png(line_chart(series, "input scale", metric.upper(), f"{metric} vs input scale"), path)
 
 
 def plot_stats(res: dict, path: Path) -> None:
-    from vaepack.bench import _line_chart
-    from vaepack.io import atomic_output
+    from vaepack.bench.report import line_chart, save_png
 
     series = {
         "student std": [(r["size"], r["student_std"]) for r in res["rows"]],
@@ -186,6 +185,4 @@ def plot_stats(res: dict, path: Path) -> None:
         "KL(T||S)": [(r["size"], r["kl"]) for r in res["rows"]],
         "JS": [(r["size"], r["js"]) for r in res["rows"]],
     }
-    img = _line_chart(series, "input size (px)", "value", "latent statistics vs resolution")
-    with atomic_output(Path(path)) as tmp:
-        img.save(tmp, format="PNG")
+    save_png(line_chart(series, "input size (px)", "value", "latent statistics vs resolution"), path)

@@ -106,9 +106,10 @@ class LatentRecord:
     scaled_size: tuple[int, int]  # (H, W) after the remap, before padding
     padding: tuple[int, int, int, int]  # (left, right, top, bottom), reflect-padded
     convention: dict[str, str]
-    dtype: str
+    dtype: str  # the precision that ran the encoder
     source: str = ""
     packed: bool = False
+    backend: str = ""  # the backend that ran the encoder (torch for tiled runs); "" in files written before it
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -118,6 +119,7 @@ class LatentRecord:
             "orig_size": json.dumps(list(self.orig_size)), "scaled_size": json.dumps(list(self.scaled_size)),
             "padding": json.dumps(list(self.padding)), "convention": json.dumps(self.convention, sort_keys=True),
             "dtype": self.dtype, "source": self.source, "packed": json.dumps(self.packed),
+            **({"backend": self.backend} if self.backend else {}),
         }
 
 
@@ -147,6 +149,12 @@ def _space_of(conv: dict) -> Space:
     return Space(name=str(conv.get("name", "")), channels=int(conv.get("channels", 0)),
                  factor=int(conv.get("factor", 1)), scale=float(conv.get("scale", 1.0)),
                  shift=float(conv.get("shift", 0.0)), norm=str(conv.get("norm", "none")))
+
+
+def pad_multiple(space: Space, fmt: str = "vaepack") -> int | None:
+    """The pixel multiple an image is padded to before encoding for a file format (None: the space's
+    factor). ComfyUI keeps FLUX.2 latents 2x2-packed, so their latent size must be even."""
+    return 2 * space.factor if fmt == "comfyui" and space.norm == "flux2_bn" else None
 
 
 def save_latent(path: Path, rec: LatentRecord, fmt: str = "vaepack") -> None:
@@ -239,6 +247,7 @@ def load_latent(path: Path, default_model: str | None = None) -> LatentRecord:
         scaled_size=_meta(meta, "scaled_size", path, pair), padding=_meta(meta, "padding", path, pair),
         convention=_meta(meta, "convention", path, json.loads), dtype=meta.get("dtype", ""),
         source=meta.get("source", ""), packed=meta.get("packed", "false") == "true",
+        backend=meta.get("backend", ""),
     )
     if len(rec.orig_size) != 2 or len(rec.scaled_size) != 2 or len(rec.padding) != 4:
         raise LatentFileError("latent metadata sizes are malformed", path=str(path))

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from vaepack.errors import ManifestError, UnknownModelError
+from vaepack.errors import ManifestError, UnknownModelError, UsageError
+from vaepack.files import read_yaml
 from vaepack.paths import manifest_path
 
 PARTS = ("encoder", "decoder")
@@ -49,7 +49,7 @@ class PartSpec:
     provenance: dict[str, Any] = field(default_factory=dict)
     # int8 activation ranges shipped in the package (vaepack/quantize.py): `--dtype int8` works without
     # calibrating. `--backend auto` runs the part int8 only with ``auto: true`` there, which needs
-    # every dev photo's round trip within 0.1 dB of fp32 (benchmarks/results/int8.md).
+    # its dev round trip to meet the auto policy (vaepack/policy.py; benchmarks/results/int8.md).
     int8_calibration: FileSpec | None = None
     int8_auto: bool = False
 
@@ -62,8 +62,8 @@ class ModelEntry:
     space: Space
     parts: dict[str, PartSpec]
     fp16_safe: bool = True
-    # False when the measured bf16 round trip loses more than 0.1 dB PSNR against fp32 on the dev set:
-    # `--backend auto` then keeps fp32 for this model (benchmarks/README.md, quality per backend).
+    # False when the measured bf16 round trip fails the auto policy (vaepack/policy.py) on the dev set:
+    # `--backend auto` then keeps fp32 for this model (benchmarks/results/precision_policy.md).
     bf16_safe: bool = True
     aliases: tuple[str, ...] = ()
 
@@ -151,12 +151,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
 @functools.lru_cache(maxsize=4)
 def _load(path: str, mtime: float) -> Manifest:
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ManifestError(f"cannot read the model manifest: {e.strerror}", path=path) from None
-    except yaml.YAMLError as e:
-        raise ManifestError(f"invalid YAML: {e}", path=path) from None
+    data = read_yaml(p, ManifestError, "model manifest")
     if not isinstance(data, dict):
         raise ManifestError("the manifest must be a mapping", path=path)
     return parse_manifest(data, p)
@@ -170,6 +165,13 @@ def load_manifest(path: Path | None = None) -> Manifest:
         raise ManifestError("model manifest not found", path=str(p),
                             hint="reinstall vaepack or set VAEPACK_MANIFEST") from None
     return _load(str(p), mtime)
+
+
+def check_fp16(model_id: str, fp16_safe: bool, hint: str) -> None:
+    """The one fp16 refusal: models whose manifest says ``fp16_safe: false`` (SDXL/FLUX/SD3-class VAEs)
+    overflow in fp16 (their activations exceed its range)."""
+    if not fp16_safe:
+        raise UsageError(f"model '{model_id}' overflows in fp16 (manifest: fp16_safe: false)", hint=hint)
 
 
 def get_model(name: str) -> ModelEntry:

@@ -26,6 +26,11 @@ Conventions (the JSON/CLI layers rely on these; see benchmarks/README.md):
   (``ms_ssim_scales`` tells how many). Negative cs/SSIM values are clamped to 0 before the power,
   as in the common implementations, so the result is real. Per-channel values are combined over
   scales first and then averaged over channels.
+- ``ms_ssim_loss`` is the differentiable training-loss form (1 - MS-SSIM, the input's dtype, per
+  image over all channels); the numbers above are the reported metric.
+- Images under 11x11 pixels: MSE and PSNR are defined, SSIM and MS-SSIM are not (the window does not
+  fit). ``ssim``/``ms_ssim`` raise ImageError; ``image_metrics`` returns the defined metrics only and
+  ``unavailable_metrics`` names the missing ones with the reason (the CLI reports both).
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ K1, K2 = 0.01, 0.03
 SIGMA = 1.5
 WIN = 11  # 2 * int(3.5 * SIGMA + 0.5) + 1, the window skimage derives from sigma=1.5
 
-__all__ = ["mse", "psnr", "ssim", "ms_ssim", "ms_ssim_scales", "image_metrics", "json_psnr",
-           "PSNR_CAP_DB", "MS_SSIM_WEIGHTS"]
+__all__ = ["mse", "psnr", "ssim", "ms_ssim", "ms_ssim_scales", "ms_ssim_loss", "gaussian_window",
+           "image_metrics", "unavailable_metrics", "json_psnr", "PSNR_CAP_DB", "MS_SSIM_WEIGHTS"]
 
 
 def _prep(a, b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,10 +100,16 @@ def json_psnr(value: float) -> float:
     return PSNR_CAP_DB if math.isinf(value) and value > 0 else float(value)
 
 
+def gaussian_window(dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """The 1-D SSIM window: WIN = 11 taps, sigma 1.5, summing to 1, computed in ``dtype`` (so a
+    float32 window is bit-identical to one built in float32, as the training loss always did)."""
+    t = torch.arange(WIN, dtype=dtype, device=device) - WIN // 2
+    g = torch.exp(-0.5 * (t / SIGMA) ** 2)
+    return g / g.sum()
+
+
 def _gauss_1d() -> list[float]:
-    r = WIN // 2
-    g = [math.exp(-0.5 * (t / SIGMA) ** 2) for t in range(-r, r + 1)]
-    return [v / sum(g) for v in g]
+    return gaussian_window(torch.float64).tolist()
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +180,73 @@ def ms_ssim(a, b, reduction: str = "mean", weights=MS_SSIM_WEIGHTS):
     return _reduce(per_channel.mean(1), reduction)
 
 
+def _ssim_cs_conv(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable SSIM and contrast-structure means per image, each shaped (N,): the same window,
+    constants and valid region as ``_ssim_cs``, in the input's dtype, as a separable grouped conv2d
+    (fast in float32, unlike the float64 shifted adds), averaged over channels and pixels together."""
+    c = x.shape[1]
+    g = gaussian_window(x.dtype, x.device).view(1, 1, 1, WIN).repeat(c, 1, 1, 1)
+
+    def blur(a: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(a, g, groups=c), g.transpose(-1, -2), groups=c)
+
+    ux, uy = blur(x), blur(y)
+    vx, vy, vxy = blur(x * x) - ux * ux, blur(y * y) - uy * uy, blur(x * y) - ux * uy
+    c1, c2 = K1 ** 2, K2 ** 2
+    cs = (2 * vxy + c2) / (vx + vy + c2)
+    s = (2 * ux * uy + c1) / (ux * ux + uy * uy + c1) * cs
+    return s.flatten(1).mean(1), cs.flatten(1).mean(1)
+
+
+def ms_ssim_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 - MS-SSIM as a differentiable training loss on (N, C, H, W) images in [0, 1] (a scalar).
+
+    Same scales, weights and renormalization as ``ms_ssim``, but in the input's dtype with gradients,
+    per image over all channels at once, and cs/SSIM clamped to 1e-6 rather than 0 (the power's
+    gradient is infinite at 0). A loss, not the reported metric: ``ms_ssim`` is the float64 reference.
+    """
+    k = ms_ssim_scales(x.shape[-2], x.shape[-1])
+    w = torch.tensor(MS_SSIM_WEIGHTS[:k], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    w = w / w.sum()
+    vals = []
+    for i in range(k):
+        s, cs = _ssim_cs_conv(x, y)
+        vals.append((s if i == k - 1 else cs).clamp_min(1e-6))
+        if i < k - 1:
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    return 1 - torch.prod(torch.stack(vals) ** w.view(-1, 1), dim=0).mean()
+
+
+def unavailable_metrics(height: int, width: int) -> dict[str, str]:
+    """Metrics of ``image_metrics`` that are not defined for HxW images, each with the reason
+    (empty for images of at least 11x11 pixels)."""
+    if height >= WIN and width >= WIN:
+        return {}
+    why = f"needs images of at least {WIN}x{WIN} pixels (its Gaussian window), got {width}x{height}"
+    return {"ssim": f"SSIM {why}", "ms_ssim": f"MS-SSIM {why}"}
+
+
 def image_metrics(a, b) -> dict[str, float]:
-    """All four metrics (batch means) as plain floats; ``psnr`` may be ``inf``, see ``json_psnr``."""
-    return {"mse": mse(a, b), "psnr": psnr(a, b), "ssim": ssim(a, b), "ms_ssim": ms_ssim(a, b)}
+    """The metrics defined for these images (batch means) as plain floats: ``mse`` and ``psnr``
+    always, ``ssim`` and ``ms_ssim`` unless ``unavailable_metrics`` names them (images under 11x11).
+    ``psnr`` may be ``inf``, see ``json_psnr``."""
+    x, y = _prep(a, b)
+    out = {"mse": mse(x, y), "psnr": psnr(x, y)}
+    if not unavailable_metrics(x.shape[-2], x.shape[-1]):
+        out.update(ssim=ssim(x, y), ms_ssim=ms_ssim(x, y))
+    return out
+
+
+def mean_of_rows(rows: list[dict], keys=("psnr", "mse", "ssim", "ms_ssim")) -> dict:
+    """Mean of per-image metric rows (JSON form: None = infinite PSNR; a metric left out of a row is
+    unavailable for that image). Each metric is averaged over the rows that report it, infinite values
+    left out unless all are; a metric no row reports is listed under ``unavailable`` with the reason."""
+    mean: dict = {}
+    for k in keys:
+        have = [r[k] for r in rows if k in r]
+        finite = [v for v in have if v is not None]
+        if have:
+            mean[k] = sum(finite) / len(finite) if finite else None
+        elif rows:
+            mean.setdefault("unavailable", {})[k] = rows[0].get("unavailable", {}).get(k, "not measured")
+    return mean

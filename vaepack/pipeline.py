@@ -7,7 +7,9 @@ needed to undo it (scale, filter, original size, padding) and ``decode_record`` 
 
 Sizes that are not a multiple of the model's factor are reflect-padded on the right/bottom, and
 the padding is recorded and cropped after decoding. Inputs above a pixel budget run tiled with
-overlapping tiles blended by linear ramps, so the seams vanish (tested against untiled runs).
+overlapping tiles blended by linear ramps, so the seams vanish (tested against untiled runs); a
+tiled run reads the (uint8) image tile by tile and writes the output in row strips, so its memory
+follows the tile and the latent, not the float image (vaepack/tiling.py).
 """
 
 from __future__ import annotations
@@ -22,27 +24,20 @@ import torch.nn.functional as F
 
 from vaepack import latents as L
 from vaepack.errors import ImageError, LatentFileError, UsageError
+from vaepack.io import image_float
+from vaepack.tiling import FILTERS, Canvas, Crop, Remap, Resize, RowSink, TileRunner, resize
 from vaepack.vae import VAE
 
-FILTERS = ("bilinear", "bicubic", "nearest", "area")
+__all__ = ["FILTERS", "DEFAULT_TILE_BUDGET", "TileOptions", "resize", "scaled_size", "pad_to_multiple", "plan",
+           "prepare", "runtime", "encode_tiles", "encode_tensor", "encode_batch", "check_compatible",
+           "decode_runtime", "decode_record", "decode_image", "roundtrip_tensor", "tile_budget_default"]
+
 DEFAULT_TILE_BUDGET = 1536 * 1536  # pixels per forward pass before tiling kicks in
 
 
 def tile_budget_default() -> int:
     env = os.environ.get("VAEPACK_TILE_BUDGET")
     return int(env) if env else DEFAULT_TILE_BUDGET
-
-
-def resize(x: torch.Tensor, size: tuple[int, int], filter: str = "bilinear") -> torch.Tensor:
-    """Resize NCHW; antialiased when shrinking (bilinear/bicubic), so downsampling back is clean."""
-    if filter not in FILTERS:
-        raise UsageError(f"unknown filter '{filter}' (choose {', '.join(FILTERS)})")
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if filter in ("nearest", "area"):
-        return F.interpolate(x, size=size, mode=filter)
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode=filter, align_corners=False, antialias=shrink)
 
 
 def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
@@ -58,63 +53,6 @@ def pad_to_multiple(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[i
     return F.pad(x, (0, pw, 0, ph), mode=mode), (0, pw, 0, ph)
 
 
-# --------------------------------------------------------------------------- tiling
-def _starts(n: int, tile: int, overlap: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    step = tile - overlap
-    s = list(range(0, n - tile, step)) + [n - tile]
-    return sorted(set(s))
-
-
-def _ramp(n: int, lo: bool, hi: bool, overlap: int, device) -> torch.Tensor:
-    w = torch.ones(n, device=device)
-    if overlap > 0:
-        r = (torch.arange(overlap, device=device, dtype=torch.float32) + 0.5) / overlap
-        if lo:
-            w[:overlap] = torch.minimum(w[:overlap], r)
-        if hi:
-            w[-overlap:] = torch.minimum(w[-overlap:], r.flip(0))
-    return w
-
-
-def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-              unit_in: int, unit_out: int) -> torch.Tensor:
-    """Apply ``fn`` (in-size * unit_out / unit_in = out-size) on overlapping tiles and blend.
-
-    ``tile``/``overlap`` are in grid units (unit_in input pixels = unit_out output pixels), so
-    tile borders always fall on latent-pixel boundaries.
-    """
-    n, _, h, w = x.shape
-    gh, gw = h // unit_in, w // unit_in
-    tile = max(1, tile)
-    overlap = min(overlap, tile // 2)
-    out = wsum = None
-    ys, xs = _starts(gh, tile, overlap), _starts(gw, tile, overlap)
-    for i, y0 in enumerate(ys):
-        for j, x0 in enumerate(xs):
-            th, tw = min(tile, gh), min(tile, gw)
-            t = x[..., y0 * unit_in:(y0 + th) * unit_in, x0 * unit_in:(x0 + tw) * unit_in]
-            if hasattr(fn, "noise_origin"):
-                # Diffusion decoders draw noise as a function of the absolute pixel position, so
-                # overlapping tiles see the same noise where they overlap (vaepack/models/eps_unet.py).
-                fn.noise_origin = (y0 * unit_out, x0 * unit_out)
-            y = fn(t)
-            if out is None:
-                out = torch.zeros(n, y.shape[1], gh * unit_out, gw * unit_out, device=y.device)
-                wsum = torch.zeros(1, 1, gh * unit_out, gw * unit_out, device=y.device)
-            ov = overlap * unit_out
-            wy = _ramp(th * unit_out, i > 0, i < len(ys) - 1, ov, y.device)
-            wx = _ramp(tw * unit_out, j > 0, j < len(xs) - 1, ov, y.device)
-            m = (wy[:, None] * wx[None, :])[None, None]
-            sl = (..., slice(y0 * unit_out, (y0 + th) * unit_out), slice(x0 * unit_out, (x0 + tw) * unit_out))
-            out[sl] += y * m
-            wsum[sl] += m
-    if hasattr(fn, "noise_origin"):
-        fn.noise_origin = (0, 0)
-    return out / wsum
-
-
 @dataclass
 class TileOptions:
     budget: int | None = None  # pixels; None = default; 0 = never tile
@@ -125,69 +63,94 @@ class TileOptions:
         b = tile_budget_default() if self.budget is None else self.budget
         return b > 0 and pixels > b
 
-
-def _encode(vae: VAE, x: torch.Tensor, tiles: TileOptions) -> tuple[torch.Tensor, str]:
-    """(latent, precision that ran): tiled runs use the torch module (VAE.encode), so they run at
-    the VAE's dtype even where a runner (e.g. int8) is loaded; latent files record it."""
-    f = vae.factor
-    if tiles.active(x.shape[-2] * x.shape[-1]):
-        t, o = max(1, tiles.tile // f), max(0, tiles.overlap // f)
-        return vae.encode(x, tiler=lambda fn, a: run_tiled(fn, a, t, o, f, 1)), vae.dtype
-    return vae.encode(x), vae.precision("encoder")
+    def runner(self, factor: int, sink: RowSink | None = None) -> TileRunner:
+        """The tiler for ``VAE.encode``/``VAE.decode`` (tile and overlap in latent pixels)."""
+        return TileRunner(max(1, self.tile // factor), max(0, self.overlap // factor), factor, sink)
 
 
-def _decode(vae: VAE, z: torch.Tensor, tiles: TileOptions) -> torch.Tensor:
-    f = vae.factor
-    if tiles.active(z.shape[-2] * z.shape[-1] * f * f):
-        t, o = max(1, tiles.tile // f), max(0, tiles.overlap // f)
-        return vae.decode(z, tiler=lambda fn, a: run_tiled(fn, a, t, o, 1, f))
-    return vae.decode(z)
+def runtime(vae: VAE, part: str, tiled: bool) -> dict[str, str]:
+    """The backend and precision that run ``part``: tiled runs use the torch module (its split keeps
+    GroupNorm statistics whole, a runner would not), at the VAE's dtype even where a runner (e.g.
+    OpenVINO bf16, int8) is loaded; untiled runs use the part's runner if any."""
+    return {"backend": "torch", "dtype": vae.dtype} if tiled else vae.runtime(part)
 
 
 # --------------------------------------------------------------------------- public API
-def prepare(x: torch.Tensor, factor: int, scale: float, filter: str, source: str = "",
-            multiple: int | None = None):
-    """Remap + pad one image (3, H, W) -> (1, 3, H', W'), recording what was done.
-
-    The padding reaches a multiple of ``multiple`` (default ``factor``; e.g. 2 * factor where the
-    latent must have an even size, as FLUX.2's packed form)."""
+def plan(h: int, w: int, factor: int, scale: float, filter: str, source: str = "",
+         multiple: int | None = None) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]:
+    """(original size, remapped size, padding (left, right, top, bottom)) of an h x w image: what
+    ``prepare`` does, decided without touching pixels."""
     if not (math.isfinite(scale) and scale > 0):
         raise UsageError(f"--scale must be a positive number, got {scale}")
-    h, w = x.shape[-2:]
+    if filter not in FILTERS:
+        raise UsageError(f"unknown filter '{filter}' (choose {', '.join(FILTERS)})")
     sh, sw = scaled_size(h, w, scale)
     if sh < factor or sw < factor:
         raise ImageError(f"image is {w}x{h}, smaller than one latent pixel ({factor}x{factor}) at scale {scale:g}",
                          path=source or None, hint=f"use a larger image or --scale >= {factor / min(h, w):.2f}")
-    xs = resize(x[None], (sh, sw), filter)
+    m = multiple or factor
+    return (h, w), (sh, sw), (0, (-sw) % m, 0, (-sh) % m)
+
+
+def prepare(x: torch.Tensor, factor: int, scale: float, filter: str, source: str = "",
+            multiple: int | None = None):
+    """Remap + pad one image (3, H, W) (float in [0, 1] or uint8) -> (1, 3, H', W'), recording what was done.
+
+    The padding reaches a multiple of ``multiple`` (default ``factor``; e.g. 2 * factor where the
+    latent must have an even size, as FLUX.2's packed form)."""
+    orig, (sh, sw), _ = plan(x.shape[-2], x.shape[-1], factor, scale, filter, source, multiple)
+    xs = resize(image_float(x)[None], (sh, sw), filter)
     xp, pad = pad_to_multiple(xs, multiple or factor)
-    return xp, (h, w), (sh, sw), pad
+    return xp, orig, (sh, sw), pad
+
+
+def encode_tiles(vae: VAE, h: int, w: int, scale: float, tiles: TileOptions | None = None,
+                 pad_multiple: int | None = None) -> bool:
+    """Whether an h x w image is encoded tiled (its remapped, padded size is above the budget)."""
+    if not (math.isfinite(scale) and scale > 0):
+        return False  # ``plan`` refuses it with the usage error
+    m = pad_multiple or vae.factor
+    sh, sw = scaled_size(h, w, scale)
+    return (tiles or TileOptions()).active((sh + (-sh) % m) * (sw + (-sw) % m))
+
+
+def _record(vae: VAE, z: torch.Tensor, model_id: str | None, scale: float, filter: str, orig, ssize, pad,
+            ran: dict[str, str], source: str) -> L.LatentRecord:
+    return L.LatentRecord(latent=z.cpu(), model=model_id or vae.entry.id, space=vae.space.name,
+                          weights_sha256=vae.parts["encoder"].sha256, scale=scale, filter=filter,
+                          orig_size=orig, scaled_size=ssize, padding=pad, convention=L.convention(vae.space),
+                          dtype=ran["dtype"], source=source, backend=ran["backend"])
 
 
 def encode_tensor(vae: VAE, x: torch.Tensor, scale: float = 1.0, filter: str = "bilinear",
                   tiles: TileOptions | None = None, source: str = "", model_id: str | None = None,
                   pad_multiple: int | None = None) -> L.LatentRecord:
-    """Encode one image (3, H, W) in [0, 1] into a LatentRecord."""
-    xp, orig, ssize, pad = prepare(x, vae.factor, scale, filter, source, pad_multiple)
-    z, ran = _encode(vae, xp, tiles or TileOptions())
-    return L.LatentRecord(latent=z.cpu(), model=model_id or vae.entry.id, space=vae.space.name,
-                          weights_sha256=vae.parts["encoder"].sha256, scale=scale, filter=filter,
-                          orig_size=orig, scaled_size=ssize, padding=pad, convention=L.convention(vae.space),
-                          dtype=ran, source=source)
+    """Encode one image (3, H, W) - float in [0, 1], or uint8 (``load_image(uint8=True)``) - into a
+    LatentRecord. A tiled run reads each tile from the uint8 image (remap and padding per tile), so
+    the whole image never exists as float; the record names the backend and precision that ran."""
+    tiles = tiles or TileOptions()
+    orig, ssize, pad = plan(x.shape[-2], x.shape[-1], vae.factor, scale, filter, source, pad_multiple)
+    if encode_tiles(vae, x.shape[-2], x.shape[-1], scale, tiles, pad_multiple):
+        z = vae.encode(Remap(x, ssize, filter, pad), tiler=tiles.runner(vae.factor))
+        return _record(vae, z, model_id, scale, filter, orig, ssize, pad, runtime(vae, "encoder", True), source)
+    xp = prepare(x, vae.factor, scale, filter, source, pad_multiple)[0]
+    z = vae.encode(xp)
+    return _record(vae, z, model_id, scale, filter, orig, ssize, pad, runtime(vae, "encoder", False), source)
 
 
 def encode_batch(vae: VAE, xs: list[torch.Tensor], scale: float = 1.0, filter: str = "bilinear",
                  tiles: TileOptions | None = None, sources: list[str] | None = None,
                  model_id: str | None = None, pad_multiple: int | None = None) -> list[L.LatentRecord]:
-    """Encode images of equal size in one forward pass (falls back to one-by-one otherwise)."""
+    """Encode images of equal size in one forward pass (one by one if sizes differ or they are tiled)."""
     sources = sources or [""] * len(xs)
-    if len(xs) == 1 or len({tuple(x.shape) for x in xs}) != 1:
+    if len(xs) == 1 or len({tuple(x.shape) for x in xs}) != 1 or \
+            encode_tiles(vae, xs[0].shape[-2], xs[0].shape[-1], scale, tiles, pad_multiple):
         return [encode_tensor(vae, x, scale, filter, tiles, s, model_id, pad_multiple) for x, s in zip(xs, sources)]
     prepared = [prepare(x, vae.factor, scale, filter, s, pad_multiple) for x, s in zip(xs, sources)]
-    z, ran = _encode(vae, torch.cat([p[0] for p in prepared]), tiles or TileOptions())
-    return [L.LatentRecord(latent=z[i:i + 1].cpu(), model=model_id or vae.entry.id, space=vae.space.name,
-                           weights_sha256=vae.parts["encoder"].sha256, scale=scale, filter=filter,
-                           orig_size=p[1], scaled_size=p[2], padding=p[3], convention=L.convention(vae.space),
-                           dtype=ran, source=s) for i, (p, s) in enumerate(zip(prepared, sources))]
+    z = vae.encode(torch.cat([p[0] for p in prepared]))
+    ran = runtime(vae, "encoder", False)
+    return [_record(vae, z[i:i + 1], model_id, scale, filter, p[1], p[2], p[3], ran, s)
+            for i, (p, s) in enumerate(zip(prepared, sources))]
 
 
 def check_compatible(rec: L.LatentRecord, vae: VAE, force: bool = False, path: str | None = None) -> None:
@@ -215,23 +178,59 @@ def check_compatible(rec: L.LatentRecord, vae: VAE, force: bool = False, path: s
                               hint="it was written with other scale/shift/normalization; use --force-space to decode anyway")
 
 
-def decode_record(vae: VAE, rec: L.LatentRecord, native: bool = False, tiles: TileOptions | None = None,
-                  force: bool = False, path: str | None = None) -> torch.Tensor:
-    """Decode a LatentRecord to (3, H, W) in [0, 1], at the original image size unless ``native``."""
+def _latent(rec: L.LatentRecord) -> torch.Tensor:
+    return L.flux2_unpack(rec.latent) if rec.packed else rec.latent
+
+
+def decode_runtime(vae: VAE, rec: L.LatentRecord, tiles: TileOptions | None = None) -> dict[str, str]:
+    """The backend and precision that decode ``rec`` (see ``runtime``)."""
+    h, w = _latent(rec).shape[-2:]
+    return runtime(vae, "decoder", (tiles or TileOptions()).active(h * w * vae.factor ** 2))
+
+
+def _decode(vae: VAE, rec: L.LatentRecord, native: bool, tiles: TileOptions | None, force: bool,
+            path: str | None, make: Callable[[int, int], RowSink]):
+    """Decode into ``make(height, width)``: one write when untiled, row strips as they finish when tiled."""
     check_compatible(rec, vae, force, path)
-    z = L.flux2_unpack(rec.latent) if rec.packed else rec.latent
-    y = _decode(vae, z, tiles or TileOptions())
-    if native or rec.orig_size == (0, 0):
-        return y[0]
+    z = _latent(rec)
+    f = vae.factor
+    hp, wp = z.shape[-2] * f, z.shape[-1] * f
+    whole = native or rec.orig_size == (0, 0)
     left, right, top, bottom = rec.padding
-    h, w = y.shape[-2:]
-    y = y[..., top:h - bottom, left:w - right]
-    if tuple(y.shape[-2:]) != tuple(rec.scaled_size):
+    if not whole and (hp - top - bottom, wp - left - right) != tuple(rec.scaled_size):
         raise LatentFileError(f"latent is {z.shape[-1]}x{z.shape[-2]} but its metadata says the padded image was "
                               f"{rec.scaled_size[1] + left + right}x{rec.scaled_size[0] + top + bottom}",
                               path=path, hint="the metadata does not belong to this latent; use --native")
-    y = resize(y, tuple(rec.orig_size), rec.filter if rec.filter in ("bilinear", "bicubic") else "bilinear")
-    return y[0].clamp(0, 1)
+    filt = rec.filter if rec.filter in ("bilinear", "bicubic") else "bilinear"
+    out = make(hp, wp) if whole else make(*rec.orig_size)
+    if (tiles or TileOptions()).active(hp * wp):
+        sink = out
+        if not whole:
+            if tuple(rec.scaled_size) != tuple(rec.orig_size):
+                sink = Resize(sink, rec.scaled_size, rec.orig_size, filt)
+            sink = Crop(sink, top, left, *rec.scaled_size)
+        vae.decode(z, tiler=(tiles or TileOptions()).runner(f, sink))
+        return out
+    y = vae.decode(z)
+    if not whole:
+        y = resize(y[..., top:hp - bottom, left:wp - right], tuple(rec.orig_size), filt).clamp(0, 1)
+    out.write(0, y)
+    return out
+
+
+def decode_record(vae: VAE, rec: L.LatentRecord, native: bool = False, tiles: TileOptions | None = None,
+                  force: bool = False, path: str | None = None) -> torch.Tensor:
+    """Decode a LatentRecord to (3, H, W) in [0, 1], at the original image size unless ``native``."""
+    return _decode(vae, rec, native, tiles, force, path, lambda h, w: Canvas(1, 3, h, w)).tensor[0]
+
+
+def decode_image(vae: VAE, rec: L.LatentRecord, native: bool = False, tiles: TileOptions | None = None,
+                 force: bool = False, path: str | None = None):
+    """``decode_record`` as an 8-bit image (vaepack.io.StripImage, the pixels ``save_image`` would
+    write), filled strip by strip: a tiled decode never holds the float image."""
+    from vaepack.io import StripImage
+
+    return _decode(vae, rec, native, tiles, force, path, lambda h, w: StripImage(w, h))
 
 
 def roundtrip_tensor(enc: VAE, dec: VAE, x: torch.Tensor, scale: float = 1.0, filter: str = "bilinear",

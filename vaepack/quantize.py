@@ -37,9 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from vaepack.errors import ExportError, UsageError
+from vaepack import __version__
+from vaepack import pipeline as P
+from vaepack.errors import ExportError, UsageError, VaepackError
+from vaepack.files import atomic_write_bytes, sha256_file
+from vaepack.io import expand_inputs, load_image
 from vaepack.manifest import ModelEntry
 from vaepack.paths import cache_dir, embedded_weights_dir
+from vaepack.vae import load_torch_vae
+from vaepack.weights import weights_digest
 
 log = logging.getLogger("vaepack")
 
@@ -75,9 +81,6 @@ def _convs(module: nn.Module) -> dict[str, nn.Conv2d]:
 def _crops(paths: list[Path], crop: int, count: int, seed: int) -> list[tuple[str, torch.Tensor]]:
     """One random crop (crop x crop, or the whole image if smaller) from each of up to ``count``
     images, unreadable files skipped with a warning (calibration needs many, not all)."""
-    from vaepack.errors import VaepackError
-    from vaepack.io import load_image
-
     rng = random.Random(seed)
     chosen = sorted(paths)
     rng.shuffle(chosen)
@@ -110,9 +113,6 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
     (weights alone: 7.7%), so it was not kept. Neither was keeping the Convs float whose int8 moved
     the latents most (the stem and first H/2 conv of the default encoder): the latent error halved but
     the dev round trip's per-image spread grew from 0.17 to 0.41 dB (benchmarks/results/int8.md)."""
-    from vaepack import pipeline as P
-    from vaepack.vae import load_vae
-
     if part not in ("encoder", "decoder"):
         raise UsageError(f"int8 covers encoders and decoders, not '{part}'")
     crops = _crops(list(images), crop, count, seed)
@@ -122,7 +122,7 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
     parts = ("encoder", "decoder") if part == "decoder" else ("encoder",)
     if part == "decoder" and "encoder" not in entry.parts:
         raise UsageError(f"'{entry.id}' has no encoder to make calibration latents for its decoder")
-    vae = load_vae(entry, parts=parts, device="cpu", dtype="fp32")
+    vae = load_torch_vae(entry, parts=parts, device="cpu", dtype="fp32")
     module = vae.parts[part].module
     if part == "decoder" and vae.sampling:
         raise UsageError(f"the decoder of '{entry.id}' is a diffusion decoder; int8 covers single-pass decoders")
@@ -150,9 +150,6 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
     finally:
         for h in handles:
             h.remove()
-    from vaepack import __version__
-    from vaepack.export import weights_digest
-
     return {
         "format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION,
         "model": entry.id, "part": part, "weights_sha256": weights_digest(entry, part),
@@ -172,9 +169,6 @@ def prepare_calibration(entry: ModelEntry, part: str, source: str | Path | None,
     against the current weights) or images (a folder, files or globs) to calibrate on. Either way the
     result is also stored in <cache>/int8/ so that runtimes find it later. None: nothing to prepare
     (the export uses the shipped or cached calibration)."""
-    from vaepack.export import weights_digest
-    from vaepack.io import expand_inputs
-
     if source is None:
         return None
     digest = weights_digest(entry, part)
@@ -215,15 +209,11 @@ def cached_calibration_path(entry: ModelEntry, part: str, digest: str) -> Path:
 
 
 def save_calibration(cal: dict, path: Path) -> None:
-    from vaepack.weights import atomic_write_bytes
-
     atomic_write_bytes(path, (json.dumps(cal, indent=1) + "\n").encode())
 
 
 def shipped_calibration(entry: ModelEntry, part: str) -> Path | None:
     """The calibration file the manifest lists for this part (embedded in the package), verified."""
-    from vaepack.weights import sha256_file
-
     spec = entry.part(part).int8_calibration
     if spec is None:
         return None
@@ -252,8 +242,6 @@ def find_calibration(entry: ModelEntry, part: str, digest: str) -> tuple[dict, s
 
 def has_calibration(entry: ModelEntry, part: str) -> bool:
     """Whether ``find_calibration`` has something for this part (without reading or checking it)."""
-    from vaepack.export import weights_digest
-
     if entry.part(part).int8_calibration is not None:
         return True
     return cached_calibration_path(entry, part, weights_digest(entry, part)).is_file()

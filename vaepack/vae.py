@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from vaepack import latents as L
-from vaepack.errors import BackendUnavailableError, ExportError, UsageError
+from vaepack.errors import UsageError
 from vaepack.loader import family_attr, load_part
-from vaepack.manifest import ModelEntry, Space, get_model
+from vaepack.manifest import ModelEntry, Space, check_fp16, get_model
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,14 @@ def pick_device(device: str | None = None) -> torch.device:
 def check_dtype(entry: ModelEntry, dtype: str) -> None:
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}' (choose fp32, bf16 or fp16)")
-    if dtype == "fp16" and not entry.fp16_safe:
-        raise UsageError(f"model '{entry.id}' overflows in fp16 (its activations exceed the fp16 range); "
-                         "use --dtype bf16 or fp32, or the fp16-fix weights where they exist")
+    if dtype == "fp16":
+        check_fp16(entry.id, entry.fp16_safe, hint="use --dtype bf16 or fp32, or the fp16-fix weights where they exist")
+
+
+def check_device_dtype(device: torch.device, dtype: str) -> None:
+    """torch fp16 runs on CUDA only: CPU autocast to fp16 exists but is emulated and slow."""
+    if dtype == "fp16" and device.type != "cuda":
+        raise UsageError("torch fp16 runs on CUDA only", hint="use bf16 on CPU")
 
 
 @dataclass
@@ -87,32 +92,56 @@ class VAE:
         return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
 
     def _bn_stats(self, module: nn.Module):
-        if self.space.norm != "flux2_bn":
-            return None
-        bn = getattr(module, "bn", None)
-        return (bn.running_mean, bn.running_var) if bn is not None else None
+        return bn_stats(self.space, module)
 
     @torch.no_grad()
-    def encode(self, x01: torch.Tensor, tiler: Tiler | None = None) -> torch.Tensor:
-        """[0, 1] images -> diffusion-space latents. ``tiler(fn, x)`` runs ``fn`` tile by tile."""
+    def encode(self, x01, tiler=None) -> torch.Tensor:
+        """[0, 1] images -> diffusion-space latents.
+
+        ``tiler.encode(split, x01, pre, post)`` (vaepack.tiling.TileRunner) runs the part tile by tile:
+        ``pre`` turns [0, 1] pixels into the network's input, ``post`` the network's output into
+        latents; ``x01`` may then be a source the tiler reads region by region (tiling.Remap), so the
+        whole image need not exist as float."""
         p = self.parts["encoder"]
         # A runner (ONNX Runtime, OpenVINO, TensorRT) takes whole images; tiled runs stay on the torch
         # module, whose split keeps the GroupNorm tail whole (exact tiling; a tiled runner would not be).
         if p.runner is not None and tiler is None:
             return p.runner(x01)
-        x = L.to_model_range(x01.to(self.device, torch.float32), p.image_range)
-        if self.device.type == "cpu" and self.dtype != "fp32":
-            x = x.contiguous(memory_format=torch.channels_last)
+
+        def pre(x: torch.Tensor) -> torch.Tensor:
+            x = L.to_model_range(x.to(self.device, torch.float32), p.image_range)
+            if self.device.type == "cpu" and self.dtype != "fp32":
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x
+
+        def post(m: torch.Tensor) -> torch.Tensor:
+            m = m.float().contiguous()
+            return m if p.native_is_diffusion else L.mean_to_diffusion(m, self.space, self._bn_stats(p.module))
+
         with self._autocast():
-            if tiler is None:
-                m = p.module(x)
-            else:  # tile the local head; run the tail that needs global statistics (GroupNorm) whole
-                head, tail = p.split
-                m = tail(tiler(head, x))
-        m = m.float().contiguous()
-        if p.native_is_diffusion:
-            return m
-        return L.mean_to_diffusion(m, self.space, self._bn_stats(p.module))
+            if tiler is not None:  # the head on tiles, the tail (GroupNorm) with whole-image statistics
+                return tiler.encode(p.split, x01, pre, post)
+            m = p.module(pre(x01))
+        return post(m)
+
+    def runtime(self, part: str) -> dict[str, str]:
+        """Which backend and precision run ``part`` when it is not tiled (``--backend auto`` decides per
+        model); the pipeline reports what ran for tiled images."""
+        return {"backend": self.parts[part].backend, "dtype": self.precision(part)}
+
+    def set_sampler(self, steps: int | None = None, seed: int | None = None) -> None:
+        """Sampling steps (NFE) and noise seed of a diffusion decoder for the following decodes."""
+        if steps is None and seed is None:
+            return
+        if not self.sampling:
+            raise UsageError(f"--steps/--seed apply to diffusion decoders; '{self.entry.id}' is deterministic")
+        mod = self.parts["decoder"].module
+        if steps is not None:
+            if steps < 1:
+                raise UsageError("--steps must be >= 1")
+            mod.steps = int(steps)
+        if seed is not None:
+            mod.seed = int(seed)
 
     @property
     def sampling(self) -> bool:
@@ -121,11 +150,14 @@ class VAE:
         return p is not None and hasattr(p.module, "steps")
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, tiler: Tiler | None = None, nfe: int | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tiler=None, nfe: int | None = None) -> torch.Tensor:
         """Diffusion-space latents -> [0, 1] images (clamped).
 
-        ``nfe``: sampling steps of a diffusion decoder for this call (its ``steps`` otherwise; the
-        sampler's time grid validates it); a deterministic decoder refuses it."""
+        ``tiler.decode(split, z, pre, post)`` runs the part tile by tile (``pre``: latents -> the
+        network's input, ``post``: its output -> [0, 1] images) and returns what its row sink makes
+        of the image (vaepack.tiling.TileRunner). ``nfe``: sampling steps of a diffusion decoder for
+        this call (its ``steps`` otherwise; the sampler's time grid validates it); a deterministic
+        decoder refuses it."""
         p = self.parts["decoder"]
         if nfe is not None:
             if not self.sampling:
@@ -140,93 +172,62 @@ class VAE:
                 p.module.steps = old
         if p.runner is not None and tiler is None:  # tiled: torch, as in encode
             return p.runner(z).clamp(0, 1)
-        z = z.to(self.device, torch.float32)
-        if not p.native_is_diffusion:
-            z = L.diffusion_to_mean(z, self.space, self._bn_stats(p.module))
-        if self.device.type == "cpu" and self.dtype != "fp32":
-            z = z.contiguous(memory_format=torch.channels_last)
+
+        def pre(z: torch.Tensor) -> torch.Tensor:
+            z = z.to(self.device, torch.float32)
+            if not p.native_is_diffusion:
+                z = L.diffusion_to_mean(z, self.space, self._bn_stats(p.module))
+            if self.device.type == "cpu" and self.dtype != "fp32":
+                z = z.contiguous(memory_format=torch.channels_last)
+            return z
+
+        def post(y: torch.Tensor) -> torch.Tensor:
+            return L.from_model_range(y.float(), p.image_range).clamp(0, 1).contiguous()
+
         with self._autocast():
-            if tiler is None:
-                y = p.module(z)
-            else:
-                head, tail = p.split
-                y = tiler(tail, head(z))
-        return L.from_model_range(y.float(), p.image_range).clamp(0, 1).contiguous()
+            if tiler is not None:  # the head (GroupNorm) with whole-image statistics, the tail on tiles
+                return tiler.decode(p.split, z, pre, post)
+            y = p.module(pre(z))
+        return post(y)
 
 
-def load_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str | None = None,
-             dtype: str | None = "fp32", backend: str = "torch") -> VAE:
-    """Load parts of a manifest model. ``backend``: torch, onnxruntime, openvino, tensorrt, or auto
-    (the fastest CPU path that is installed and keeps the model's quality, see
-    vaepack.runtime.best_cpu_choice; torch on CUDA and for diffusion decoders). ``dtype`` None: auto's
-    precision, else fp32; an explicit ``dtype`` is kept under auto. Under auto with no ``dtype``, a
-    part whose shipped int8 calibration says ``auto: true`` runs int8 on OpenVINO (none yet).
-    ``dtype="int8"`` needs an ONNX backend: parts with a calibration run int8, the others (and the
-    torch modules kept for tiled runs) at ``runtime.cpu_float_precision``."""
+def bn_stats(space: Space, module: nn.Module):
+    """FLUX.2's BatchNorm statistics (running mean, var) of a KL network, else None: the one place
+    the latent normalization finds them (VAE and export)."""
+    if space.norm != "flux2_bn":
+        return None
+    bn = getattr(module, "bn", None)
+    return (bn.running_mean, bn.running_var) if bn is not None else None
+
+
+def make_part(entry: ModelEntry, part: str, module: nn.Module, sha256: str) -> Part:
+    """A loaded network under the contract: its pixel range, whether it outputs diffusion-space latents,
+    and the (head, tail) split for tiled runs, all read from its family module."""
+    spec = entry.part(part)
+    split_fn = family_attr(spec, "tile_split", None)
+    split = split_fn(part, module) if split_fn else None
+    if split is None:
+        split = (module, nn.Identity()) if part == "encoder" else (nn.Identity(), module)
+    return Part(module=module, image_range=family_attr(spec, "IMAGE_RANGE", "0,1"),
+                native_is_diffusion=family_attr(spec, "NATIVE_IS_DIFFUSION", True), sha256=sha256, split=split)
+
+
+def load_torch_vae(model: str | ModelEntry, parts=("encoder", "decoder"), device: str | None = None,
+                   dtype: str = "fp32") -> VAE:
+    """The torch modules of a manifest model's ``parts`` (weights verified, strict load) on ``device`` at
+    ``dtype``. Backend and precision choice (OpenVINO, int8, auto) is vaepack.runtime.load_vae's."""
     entry = get_model(model) if isinstance(model, str) else model
     dev = pick_device(device)
-    auto = backend == "auto"
-    part_prec: dict[str, str] = {}
-    if auto:
-        from vaepack.runtime import best_cpu_choice
-
-        if dev.type == "cuda" or any(entry.part(p).family == "eps" for p in parts):
-            name, prec = "torch", "fp32"  # the eps sampler loop runs in torch; CUDA is torch's own fast path
-        else:
-            name, prec = best_cpu_choice(entry)  # (imports onnx/openvino to see whether they are installed)
-            if dtype is None:
-                from vaepack.runtime import best_part_precision
-
-                part_prec = {p: best_part_precision(entry, p, name, prec) for p in parts}
-        backend, dtype = name, dtype or prec
-    dtype = dtype or "fp32"
-    if dtype == "int8":
-        if backend == "torch":
-            raise UsageError("int8 runs on an exported graph, not in torch",
-                             hint="use --backend openvino or onnxruntime with --dtype int8")
-        # int8 where the part has a calibration (shipped or made with `vaepack export --precision int8
-        # --calibration`), the others at the float precision auto would take (e.g. the default
-        # encoder int8 + its decoder bf16 in one roundtrip); --json reports each part's precision.
-        from vaepack.quantize import has_calibration
-        from vaepack.runtime import cpu_float_precision
-
-        dtype = cpu_float_precision(entry) if dev.type == "cpu" else "fp32"
-        part_prec = {p: "int8" if has_calibration(entry, p) else dtype for p in parts}
-        for p, v in part_prec.items():
-            if v != "int8":
-                log.warning("%s %s has no int8 calibration, so it runs %s (make one: vaepack export %s --part %s "
-                            "--precision int8 --calibration DIR)", entry.id, p, v, entry.id, p)
     check_dtype(entry, dtype)
     vae = VAE(entry=entry, device=dev, dtype=dtype)
     for part in parts:
         module, _, digest = load_part(entry, part)
-        spec = entry.part(part)
         module = module.to(dev)
         if dev.type == "cpu" and dtype != "fp32":
             module = module.to(memory_format=torch.channels_last)
         if dtype == "fp16" and dev.type == "cuda":
             module = module.half()
-        split_fn = family_attr(spec, "tile_split", None)
-        split = split_fn(part, module) if split_fn else None
-        if split is None:
-            split = (module, nn.Identity()) if part == "encoder" else (nn.Identity(), module)
-        vae.parts[part] = Part(module=module, image_range=family_attr(spec, "IMAGE_RANGE", "0,1"),
-                               native_is_diffusion=family_attr(spec, "NATIVE_IS_DIFFUSION", True),
-                               sha256=digest, split=split)
-    if backend != "torch":
-        from vaepack.runtime import get_backend
-
-        for part in parts:
-            prec = part_prec.get(part, dtype)
-            try:
-                vae.parts[part].runner = get_backend(backend, entry.id, part, prec, device=str(dev))
-                vae.parts[part].backend = backend
-                vae.parts[part].precision = prec if prec != dtype else None
-            except (BackendUnavailableError, ExportError, UsageError) as e:
-                if not auto:
-                    raise
-                # auto falls back cleanly: torch at the float precision, with the reason in the log
-                log.warning("%s cannot run %s %s %s (%s); using torch %s", backend, entry.id, part, prec, e, dtype)
+        vae.parts[part] = make_part(entry, part, module, digest)
     return vae
 
 

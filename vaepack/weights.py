@@ -9,12 +9,10 @@ in ``<cache>/tofu.json`` (with a warning) and enforced from then on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -22,34 +20,17 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from vaepack.errors import WeightsError
+from vaepack.files import CHUNK, atomic_write_bytes, sha256_file  # noqa: F401  (W.sha256_file)
 from vaepack.manifest import FileSpec, ModelEntry
 from vaepack.paths import cache_dir, embedded_weights_dir
 
 log = logging.getLogger("vaepack")
 
 Progress = Callable[[int, int | None], None]  # (bytes done, total or None)
-CHUNK = 1 << 20
 
 
 def weights_dir() -> Path:
     return cache_dir() / "weights"
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, memoized per process on (path, size, mtime) so verifying and then
-    recording the digest of a 335 MB checkpoint reads it once."""
-    st = Path(path).stat()
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(CHUNK), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
 
 
 def _tofu_path() -> Path:
@@ -71,18 +52,6 @@ def _record_tofu(name: str, digest: str) -> None:
 
 def expected_sha256(spec: FileSpec) -> str | None:
     return spec.sha256 or _tofu().get(spec.name)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def file_path(spec: FileSpec) -> Path:
@@ -109,6 +78,16 @@ def model_files(entry: ModelEntry, parts: Iterable[str] | None = None) -> list[F
 
 def status(entry: ModelEntry) -> list[FileStatus]:
     return [FileStatus(f, file_path(f), file_path(f).is_file()) for f in model_files(entry)]
+
+
+def cache_status(entry: ModelEntry) -> tuple[str, int | None]:
+    """(embedded | cached | partial | not cached, total size in bytes or None if the manifest lacks one)."""
+    st = status(entry)
+    size = sum(s.spec.size or 0 for s in st) if all(s.spec.size for s in st) else None
+    if entry.embedded:
+        return "embedded", size
+    have = [s.present for s in st]
+    return ("cached" if all(have) else "partial" if any(have) else "not cached"), size
 
 
 def verify_file(spec: FileSpec, path: Path | None = None) -> str:
@@ -259,6 +238,14 @@ def ensure(entry: ModelEntry, part: str) -> list[Path]:
         else:
             out.append(pull_file(f))
     return out
+
+
+def weights_digest(entry: ModelEntry, part: str) -> str:
+    """The weights identity recorded in exports and calibrations; equals what ``loader.load_part``
+    returns (one sha256 per file, joined by '+')."""
+    spec = entry.part(part)
+    paths = ensure(entry, part)  # verifies every file against the manifest / trust-on-first-use hash
+    return "+".join(expected_sha256(f) or sha256_file(p) for f, p in zip(spec.files, paths))
 
 
 def clear_partial(entry: ModelEntry) -> int:

@@ -23,8 +23,8 @@ class TAEConfig:
     # decoder's first stage ("midblock GN").
     midblock_gn: bool = False
     # Blocks per stage, None = upstream: encoder (1, 3, 3, 3) at H, H/2, H/4, H/8; decoder (3, 3, 3, 1) at
-    # h, 2h, 4h, 8h. vaepack's depth-pruned students (warm-started from the teacher, vaepack.distill.
-    # tae_from_teacher) drop blocks.
+    # h, 2h, 4h, 8h. vaepack's depth-pruned students (warm-started from the teacher, vaepack.train.
+    # warmstart.tae_from_teacher) drop blocks.
     blocks: tuple[int, ...] | None = None
     # Encoder stem: "conv" (upstream: full-resolution conv, full-resolution stage, stride-2 conv) or
     # "s2d": 2x2 space-to-depth + one conv straight to H/2 (needs blocks[0] == 0); its conv can start

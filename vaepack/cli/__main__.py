@@ -1,0 +1,7 @@
+"""``python -m vaepack.cli``."""
+
+import sys
+
+from vaepack.cli.app import main
+
+sys.exit(main())

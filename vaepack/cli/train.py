@@ -1,0 +1,163 @@
+"""distill, distill-export, train-eps: the training entry points (each builds one typed config)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vaepack.cli.common import DeviceOpt, ForceOpt, JsonOpt, emit_json, note, stderr_console
+from vaepack.errors import UsageError
+
+
+def _train_progress(label: str):
+    """A rich progress line (loss, steps/s) for the training loops; returns (context, callback)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = stderr_console()
+    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), console=err, disable=not err.is_terminal)
+    task = prog.add_task(label, total=None, info="")
+
+    def cb(d: dict):
+        if d.get("phase") == "teacher":
+            prog.update(task, completed=d["step"], total=d["total"], info="caching teacher outputs")
+        else:
+            prog.update(task, completed=d["step"], total=d.get("total"),
+                        info=f"loss {d.get('loss', float('nan')):.4f}  {d.get('steps_per_s', 0):.2f} steps/s")
+    return prog, cb
+
+
+def distill(
+    teacher: str = typer.Option("taef2", "--teacher", help="Teacher model id (any encoder in the zoo)."),
+    data: Path = typer.Option(..., "--data", help="Folder of training images (never the evaluation set)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, teacher cache, log, exported weights."),
+    part: str = typer.Option("encoder", "--part", help="encoder (paper 000 student) or decoder (small TAE "
+                             "decoder distilled from the teacher's decoder + a pixel loss)."),
+    family: str = typer.Option("student", "--family", help="Encoder: student (paper 000, section III-B) or tae "
+                               "(a TAE encoder, e.g. the teacher depth-pruned: --config '{\"blocks\": [0,2,3,3], \"stem\": \"s2d\"}')."),
+    width: int = typer.Option(32, "--width", help="Student width (channels after the stem)."),
+    config: str = typer.Option("{}", "--config", help="JSON: more StudentConfig / TAEConfig fields."),
+    schedule: str = typer.Option("128:10000,256:10000", "--schedule", help="CROP:STEPS stages (paper: 128 then 256)."),
+    batch: int = typer.Option(64, "--batch"),
+    lr: float = typer.Option(7.5e-4, "--lr", help="Adam learning rate (paper: 7.5e-4)."),
+    pixel_weight: float = typer.Option(1.0, "--pixel-weight", help="Decoder: weight of the L1 loss to the image."),
+    init_from_teacher: bool = typer.Option(True, "--init-from-teacher/--random-init",
+                                           help="TAE students (decoders, --family tae encoders): warm start from the "
+                                           "teacher (fewer blocks: its first blocks per stage; narrower: its strongest channels)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop cleanly after N minutes."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Total wall-clock budget over "
+                                                    "all resumed sessions; LR decay and stages follow it."),
+    ckpt_every: int = typer.Option(200, "--ckpt-every"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOpt,
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="CPU: bf16 autocast + channels_last."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Reuse another run's teacher_cache.pt."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Warm start from a .safetensors of the same "
+                                        "architecture; a shipped BatchNorm-folded student gets its BatchNorms back from data statistics)."),
+    views_per_image: int = typer.Option(1, "--views-per-image", min=1, help="Teacher-cached random windows per image."),
+):
+    """Distill a compact encoder (Chu et al. 2026: Huber beta 0.15, Adam 7.5e-4, 128 then 256 px) or decoder."""
+    from dataclasses import replace
+
+    from vaepack.files import command_line
+    from vaepack.train.config import check_resume, distill_config, parse_model_config, parse_schedule
+    from vaepack.train.distill import run_distill, run_distill_decoder
+    from vaepack.train.teachers import load_teacher
+
+    # Options and --data are checked before any model loads.
+    cfg = distill_config(part, family=family, pixel_weight=pixel_weight, init_from_teacher=init_from_teacher,
+                         data_dir=data, out_dir=out, width=width, model_config=parse_model_config(config),
+                         schedule=parse_schedule(schedule), batch=batch, lr=lr, max_minutes=max_minutes,
+                         ckpt_every=ckpt_every, seed=seed, device=device, bf16=bf16, threads=threads,
+                         command=command_line(), budget_minutes=budget_minutes, cache=cache, init=init,
+                         views_per_image=views_per_image)
+    check_resume(out, resume)
+    t = load_teacher(teacher, part, device=device, seed=seed, warm_start=cfg.init_from_teacher)
+    cfg = replace(cfg, teacher_id=t.id, teacher_config=t.config)  # the manifest states the teacher's config
+    prog, cb = _train_progress(f"distill {part}")
+    with prog:
+        if part == "encoder":
+            path = run_distill(t.encoder, cfg, progress=cb)
+        else:
+            path = run_distill_decoder(t.encoder, t.decoder, cfg, progress=cb)
+    if path.name == "checkpoint.pt":
+        note(f"stopped before the schedule ended; checkpoint {path} (rerun with --resume to continue); "
+              f"`vaepack distill-export {out} -o FILE` exports it as it is")
+    else:
+        note(f"done: {path}")
+
+
+def distill_export(
+    run_dir: Path = typer.Argument(..., help="A `vaepack distill` run folder (holds checkpoint.pt)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .safetensors file."),
+    raw: bool = typer.Option(False, "--raw", help="Export the raw student weights instead of their EMA."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher id for the metadata when the "
+                                          "checkpoint does not record it (else 'unknown')."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data folder for the metadata when the "
+                                       "checkpoint does not record it."),
+    force: bool = ForceOpt, as_json: bool = JsonOpt,
+):
+    """Export a distill run's current checkpoint (finished or not) as fp16 safetensors with provenance.
+
+    Encoders are written BatchNorm-folded, like a finished run's own export.
+    """
+    from vaepack.files import command_line
+    from vaepack.io import check_output
+    from vaepack.train.distill import export_checkpoint
+
+    if output.is_dir():
+        raise UsageError(f"{output}: -o must be a file, not a folder")
+    check_output(output, force)
+    info = export_checkpoint(run_dir, output, teacher_id=teacher, data_dir=data, command=command_line(),
+                             use_ema=not raw)
+    for key, given in info.pop("ignored").items():
+        note(f"warning: --{key.replace('_dir', '')} {given} ignored: the checkpoint records {info[key]}")
+    res = {"run_dir": str(run_dir), **info, "weights": "student" if raw else "ema"}
+    if as_json:
+        emit_json(res)
+    else:
+        note(f"{run_dir} -> {info['output']}  ({info['part']}, {'raw' if raw else 'EMA'} weights at step {info['step']}"
+              f"{'' if info['finished'] else ', run not finished'})")
+
+
+def train_eps(
+    encoder: str = typer.Option("taef2", "--encoder", help="Frozen encoder whose latents the decoder learns."),
+    data: Path = typer.Option(..., "--data", help="Folder of training images."),
+    out: Path = typer.Option(..., "--out", help="Run folder (checkpoint, log, exported EMA weights)."),
+    steps: int = typer.Option(2000, "--steps"),
+    batch: int = typer.Option(8, "--batch"),
+    crop: int = typer.Option(128, "--crop"),
+    lr: float = typer.Option(5e-4, "--lr"),
+    ema: float = typer.Option(0.999, "--ema", help="EMA decay of the exported weights."),
+    w_vel: float = typer.Option(1.0, "--w-vel", help="Velocity MSE weight."),
+    w_perc: float = typer.Option(0.5, "--w-perc", help="Perceptual weight (LPIPS, or MS-SSIM + L1 without "
+                                 "LPIPS weights; paper 0.5)."),
+    w_adv: float = typer.Option(0.5, "--w-adv", help="Adversarial trajectory matching weight (paper 0.5)."),
+    perceptual: str = typer.Option("auto", "--perceptual", help="auto, lpips or msssim_l1."),
+    t_grid_frac: float = typer.Option(0.5, "--t-grid-frac", help="Share of t drawn on the sampler's grid "
+                                      "(0 = the paper's logit-normal only)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOpt,
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Latent/reconstruction cache file to reuse."),
+):
+    """Train the eps-VAE diffusion decoder (Zhao et al.): rectified flow, gamma-scaled x_t, few-step Euler."""
+    from vaepack.files import command_line
+    from vaepack.train.config import EpsTrainConfig, check_resume
+    from vaepack.train.eps import run_train_eps
+
+    check_resume(out, resume)
+    cfg = EpsTrainConfig(encoder, data, out, steps=steps, batch=batch, crop=crop, lr=lr, ema=ema, resume=resume,
+                         max_minutes=max_minutes, seed=seed, device=device, w_vel=w_vel, w_perc=w_perc,
+                         w_adv=w_adv, perceptual=perceptual, t_grid_frac=t_grid_frac, cache_path=cache,
+                         command=command_line())
+    # run_train_eps reports progress as log lines (step, losses, steps/s): print them as they come.
+    res = run_train_eps(cfg, progress=note)
+    note(json.dumps(res, default=str))
+

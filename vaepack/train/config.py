@@ -1,0 +1,247 @@
+"""Typed configs of the training runs, and the option parsing/validation `vaepack distill` and
+`vaepack train-eps` need before any model loads.
+
+- ``DistillConfig``: encoder distillation (``vaepack.train.distill.run_distill``), paper 000 defaults:
+  Huber(beta 0.15) to the teacher latent, Adam lr 7.5e-4, a 128 px stage then a 256 px stage (IV-B).
+- ``DistillDecoderConfig``: a small TAE decoder distilled in the teacher's latent space
+  (``run_distill_decoder``).
+- ``EpsTrainConfig``: the eps-VAE diffusion decoder (``vaepack.train.eps.run_train_eps``), paper 004
+  defaults. Not to be confused with ``vaepack.models.eps_unet.EpsConfig``, the decoder's
+  architecture, which ``EpsTrainConfig.model_config`` may hold.
+
+``validate()`` checks the options and the training folder (an ImageError naming it) without loading
+anything; the run functions call it too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vaepack.errors import UsageError
+
+if TYPE_CHECKING:  # annotations only: importing the architectures is not needed to build a config
+    from vaepack.models.eps_unet import EpsConfig
+    from vaepack.models.tae import TAEConfig
+
+DEFAULT_SCHEDULE: tuple[tuple[int, int], ...] = ((128, 10000), (256, 10000))  # paper 000, IV-B
+LR = 7.5e-4  # paper 000, IV-B
+SCHEDULE_HINT = "write CROP:STEPS[,CROP:STEPS...] with crop sizes multiples of 8, e.g. 128:10000,256:10000"
+FAMILIES = ("student", "tae")  # encoder student families: paper 000 (III-B), or a (pruned) TAE encoder
+PARTS = ("encoder", "decoder")
+PERCEPTUAL = ("auto", "lpips", "msssim_l1")
+EXPORT_DTYPES = ("fp16", "bf16", "fp32")
+
+
+# ---------------------------------------------------------------------------- option parsing
+def parse_schedule(text: str) -> list[tuple[int, int]]:
+    """``"128:10000,256:10000"`` -> ``[(128, 10000), (256, 10000)]`` (crop px, steps per stage)."""
+    try:
+        out = [(int(a), int(b)) for a, b in (item.split(":") for item in text.split(","))]
+    except ValueError:
+        raise UsageError(f"bad schedule {text!r}", hint=SCHEDULE_HINT) from None
+    return check_schedule(out, text)
+
+
+def check_schedule(schedule, shown=None) -> list[tuple[int, int]]:
+    """The schedule as a list of (crop, steps) ints: crops multiples of 8 (the latent grid), steps >= 0."""
+    try:
+        out = [(int(c), int(n)) for c, n in schedule]
+    except (TypeError, ValueError):
+        raise UsageError(f"bad schedule {shown if shown is not None else schedule!r}", hint=SCHEDULE_HINT) from None
+    if not out or any(c < 8 or c % 8 or n < 0 for c, n in out):
+        raise UsageError(f"bad schedule {shown if shown is not None else out!r}", hint=SCHEDULE_HINT)
+    return out
+
+
+def parse_model_config(text: str) -> dict:
+    """The ``--config`` JSON object: more StudentConfig / TAEConfig / EpsConfig fields."""
+    try:
+        out = json.loads(text)
+    except ValueError:
+        out = None
+    if not isinstance(out, dict):
+        raise UsageError(f"--config must be a JSON object, got {text!r}")
+    return out
+
+
+def check_resume(out_dir: str | Path, resume: bool) -> None:
+    """A run folder that already holds a checkpoint is continued only when asked to (``--resume``)."""
+    if (Path(out_dir) / "checkpoint.pt").exists() and not resume:
+        raise UsageError(f"{out_dir} already holds a training run; pass --resume to continue it or "
+                         "choose another --out")
+
+
+# ---------------------------------------------------------------------------- distillation
+@dataclass
+class DistillOptions:
+    """What encoder and decoder distillation share (the trainer ``vaepack.train.distill._train``)."""
+
+    data_dir: Path  # training images (searched recursively); never the evaluation set
+    out_dir: Path  # run folder: checkpoint.pt, teacher_cache.pt, train.log, the export; rerun = resume
+    width: int = 32  # student width (channels after the stem)
+    model_config: dict = field(default_factory=dict)  # more StudentConfig / TAEConfig fields
+    init: Path | None = None  # warm start from a vaepack .safetensors of the same architecture
+    init_from_teacher: bool = False
+    teacher_config: TAEConfig | None = None  # the teacher's TAEConfig (warm starts from the teacher)
+    teacher_id: str = "unknown"  # recorded in the checkpoint and the export's metadata
+    schedule: tuple[tuple[int, int], ...] | list = DEFAULT_SCHEDULE  # (crop px, steps) stages
+    batch: int = 64
+    lr: float = LR
+    warmup: int = 200  # linear LR warm-up steps, then cosine decay to lr * lr_final
+    lr_final: float = 0.05
+    lr_kind: str = "cosine"  # or "constant"
+    # A view is (scale, flip[, reup[, reup_prob]]), see vaepack.train.pool.views_of; the default is
+    # the paper-000 1.5x "bilinear pre" content at the teacher cost of a 1x view, 60% of the time.
+    views: tuple[tuple, ...] = ((1.0, "random", 1.5, 0.6),)
+    view_max_side: int | None = 384  # a random window of at most this side per view (teacher cost)
+    views_per_image: int = 1  # teacher-cached random windows per image
+    border: int = 1  # latent pixels at crop edges that are not image edges, left out of the loss
+    ckpt_every: int = 200
+    max_minutes: float | None = None  # stop this session cleanly after N minutes
+    budget_minutes: float | None = None  # total wall clock over all resumed sessions (LR follows it)
+    seed: int = 0
+    device: str | None = None  # None/"auto": CUDA when available, else the CPU
+    bf16: bool = True  # bf16 autocast (fp16 on CUDA) + channels_last on the CPU
+    threads: int | None = None
+    ema_decay: float = 0.999
+    cache: Path | None = None  # another run's teacher_cache.pt made with the same data, views and seed
+    export_name: str | None = None
+    command: str | None = None  # recorded in the export; None = this process's command line
+
+    def __post_init__(self):
+        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
+        self.init = Path(self.init) if self.init is not None else None
+        self.cache = Path(self.cache) if self.cache is not None else None
+        self.model_config = dict(self.model_config or {})
+
+    @property
+    def all_views(self) -> tuple[tuple, ...]:
+        """The views of each image, repeated ``views_per_image`` times (each draws its own window)."""
+        return tuple(self.views) * max(1, self.views_per_image)
+
+    def validate(self) -> None:
+        """Options first, then the training folder (an ImageError naming it); loads nothing."""
+        from vaepack.train.common import training_images
+
+        check_schedule(self.schedule)
+        if self.batch < 1:
+            raise UsageError("batch must be at least 1")
+        if self.lr_kind not in ("cosine", "constant"):
+            raise UsageError(f"lr_kind must be 'cosine' or 'constant', got {self.lr_kind!r}")
+        training_images(self.data_dir)
+
+
+@dataclass
+class DistillConfig(DistillOptions):
+    """Encoder distillation: ``family`` "student" is the paper-000 student (III-B); "tae" is a TAE
+    encoder, usually a depth-pruned copy of a TAE teacher (``model_config`` e.g. ``{"blocks": [0, 2,
+    3, 3], "stem": "s2d"}``) warm-started from it with ``init_from_teacher`` (needs ``teacher_config``)."""
+
+    family: str = "student"
+    latent_channels: int | None = None  # None: the teacher's, measured on a 16 px input
+
+    def validate(self) -> None:
+        if self.family not in FAMILIES:
+            raise UsageError(f"encoder family must be 'student' or 'tae', got {self.family!r}")
+        if self.init_from_teacher and (self.family != "tae" or self.init):
+            raise UsageError("--init-from-teacher warm-starts a 'tae' student from a TAE teacher (and excludes --init)")
+        super().validate()
+
+
+@dataclass
+class DistillDecoderConfig(DistillOptions):
+    """Decoder distillation: a TAE-family decoder at ``width`` regresses the teacher decoder's image
+    (L1) + ``pixel_weight`` * L1 to the ground truth, from the teacher encoder's latents.
+    ``init_from_teacher`` starts from the teacher decoder (pruned channels, or fewer blocks)."""
+
+    batch: int = 16
+    init_from_teacher: bool = True
+    pixel_weight: float = 1.0
+
+
+def distill_config(part: str, *, family: str = "student", pixel_weight: float = 1.0,
+                   init_from_teacher: bool = True, **options: Any) -> DistillConfig | DistillDecoderConfig:
+    """The validated config of `vaepack distill --part PART` (``options``: the shared fields).
+
+    ``init_from_teacher`` is the CLI's default-on switch: it applies to TAE students only (decoders and
+    ``--family tae`` encoders) and never together with ``init``.
+    """
+    if part not in PARTS:
+        raise UsageError(f"--part must be encoder or decoder, got '{part}'")
+    if family not in FAMILIES or (family != "student" and part == "decoder"):
+        raise UsageError(f"--family must be student or tae (encoders only), got '{family}'")
+    warm = init_from_teacher and options.get("init") is None and (part == "decoder" or family == "tae")
+    if part == "encoder":
+        cfg: DistillConfig | DistillDecoderConfig = DistillConfig(family=family, init_from_teacher=warm, **options)
+    else:
+        cfg = DistillDecoderConfig(pixel_weight=pixel_weight, init_from_teacher=warm, **options)
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------- eps decoder
+@dataclass
+class EpsTrainConfig:
+    """An eps decoder run (paper 004) for the frozen encoder ``encoder_id``; see vaepack.train.eps.
+
+    Loss weights: ``w_vel`` velocity MSE (Eq. 9), ``w_perc`` perceptual on x0_hat (Eq. 10), ``w_adv``
+    adversarial trajectory matching (Eq. 11-12) with lazy R1 ``r1`` every ``r1_every`` steps; 0
+    disables a term. ``t_grid_frac``: share of t drawn on the sampler's grid for NFE in
+    ``t_grid_steps`` (0 = the paper's logit-normal only).
+    """
+
+    encoder_id: str
+    data_dir: Path
+    out_dir: Path
+    steps: int = 2000
+    batch: int = 8
+    crop: int = 128
+    lr: float = 5e-4
+    ema: float = 0.999  # EMA decay of the exported weights (paper C.2)
+    resume: bool = True
+    max_minutes: float | None = None
+    seed: int = 0
+    device: str | None = None  # None/"auto": CUDA when available, else the CPU
+    model_config: EpsConfig | dict | None = None  # the architecture, or overrides of default_config
+    w_vel: float = 1.0
+    w_perc: float = 0.5  # paper C.2: lambda_LPIPS = 0.5
+    w_adv: float = 0.5  # paper C.2: lambda_adv = 0.5
+    r1: float = 1.0
+    r1_every: int = 4
+    adv_start: int = 0
+    perceptual: str = "auto"  # auto, lpips or msssim_l1
+    warmup: int = 100
+    betas: tuple[float, float] = (0.9, 0.999)
+    disc_lr: float | None = None
+    log_every: int = 10
+    save_every_minutes: float = 5.0
+    export: bool = True
+    export_dtype: str = "fp16"
+    cache_path: Path | None = None  # latent/reconstruction cache; None: <out_dir>/cache_<encoder>.safetensors
+    bf16: bool = True
+    t_grid_frac: float = 0.5
+    t_grid_steps: tuple[int, ...] = (1, 2, 3, 5, 10)
+    command: str | None = None  # recorded in the checkpoint and export; None = this process's command line
+
+    def __post_init__(self):
+        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
+        self.cache_path = Path(self.cache_path) if self.cache_path is not None else None
+
+    def validate(self) -> None:
+        """Options first, then the training folder (an ImageError naming it); loads nothing."""
+        from vaepack.train.common import training_images
+
+        if self.steps < 1 or self.batch < 1:
+            raise UsageError("--steps and --batch must be >= 1")
+        if self.perceptual not in PERCEPTUAL:
+            raise UsageError(f"unknown --perceptual '{self.perceptual}' (auto, lpips, msssim_l1)")
+        if not 0 <= self.t_grid_frac <= 1:
+            raise UsageError(f"t_grid_frac must be in [0, 1], got {self.t_grid_frac}")
+        if min(self.w_vel, self.w_perc, self.w_adv, self.r1) < 0 or self.w_vel + self.w_perc + self.w_adv == 0:
+            raise UsageError("loss weights must be >= 0 and not all 0")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise UsageError(f"unknown export dtype '{self.export_dtype}' ({', '.join(EXPORT_DTYPES)})")
+        training_images(self.data_dir)
