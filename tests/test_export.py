@@ -272,6 +272,30 @@ def test_bf16_export_is_fp32_graph(zoo, out):
     assert sc["parity"]["runtime"].startswith("openvino" if has_ov else "onnxruntime")
 
 
+def _no_onnxruntime(monkeypatch):
+    from vaepack.backends import optional as O
+
+    def missing():
+        raise BackendUnavailableError("the onnxruntime backend needs the 'onnxruntime' package")
+    monkeypatch.setattr(O, "require_onnxruntime", missing)
+
+
+def test_openvino_alone_checks_parity(zoo, out, monkeypatch):
+    """The `openvino` extra does not install onnxruntime: fp32 exports are then checked on OpenVINO."""
+    pytest.importorskip("openvino")
+    _no_onnxruntime(monkeypatch)
+    res = XO.export_onnx(zoo["tae"], "decoder", out, parity_sizes=SIZES)
+    assert res.parity["passed"] and res.parity["runtime"].startswith("openvino")
+    assert res.parity["precision_checked"] == "fp32"
+
+
+def test_fp16_needs_onnxruntime_for_parity(zoo, out, monkeypatch):
+    _no_onnxruntime(monkeypatch)  # OpenVINO's CPU plugin has no fp16 graphs: nothing can check one
+    with pytest.raises(BackendUnavailableError, match="onnxruntime"):
+        XO.export_onnx(zoo["tae"], "decoder", out, precision="fp16", parity_sizes=SIZES)
+    assert not out.exists() or not any(out.iterdir())
+
+
 @pytest.mark.parametrize("kw,match", [({"precision": "int8"}, "precision"), ({"opset": 9}, "opset"),
                                       ({"part": "middle"}, "part"), ({"exporter": "jit"}, "exporter")])
 def test_bad_arguments(zoo, out, kw, match):

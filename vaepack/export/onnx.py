@@ -39,7 +39,7 @@ from vaepack.backends import artifacts as A
 from vaepack.backends import optional as O
 from vaepack.errors import ExportError, UsageError
 from vaepack.export import graph as G
-from vaepack.export.parity import PARITY_SIZES, check_parity
+from vaepack.export.parity import PARITY_SIZES, check_parity, check_parity_available
 from vaepack.files import sha256_file
 from vaepack.io import atomic_output, check_output
 from vaepack.loader import family_attr, load_part
@@ -111,7 +111,7 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
     entry = get_model(model_id) if isinstance(model_id, str) else model_id
     check_args(entry, part, precision, opset, exporter)
     onnx = O.require_onnx()
-    O.require_onnxruntime()  # the parity check runs the graph
+    check_parity_available(precision)  # the parity check runs the graph
     out_dir = _resolve_out_dir(out_dir)
     name = name or A.artifact_name(entry.id, part, precision, opset, include_convention)
     onnx_path, sc_path = out_dir / f"{name}.onnx", out_dir / f"{name}.json"

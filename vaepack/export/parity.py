@@ -64,24 +64,48 @@ def fit_image(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(crop, size=(h, w), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
+def check_parity_available(precision: str) -> None:
+    """Raise BackendUnavailableError (with the install hint) unless a runtime can check a graph of
+    ``precision``: onnxruntime, or OpenVINO where it runs that precision (not fp16)."""
+    try:
+        O.require_onnxruntime()
+    except BackendUnavailableError:
+        if precision == "fp16":
+            raise
+        O.require_openvino()
+
+
+def parity_runner(onnx_file: Path, sc: dict, precision: str) -> tuple[R.Runner, str]:
+    """(runner, precision it checks) for the parity check of a fresh graph: onnxruntime's CPU provider,
+    or OpenVINO when onnxruntime is not installed (the ``openvino`` extra alone) and for bf16 (no
+    onnxruntime bf16 kernels; without OpenVINO the fp32 graph bf16 runs on is checked instead)."""
+    def missing(require) -> BackendUnavailableError | None:
+        try:
+            require()
+        except BackendUnavailableError as e:
+            return e
+        return None
+
+    no_ort, no_ov = missing(O.require_onnxruntime), missing(O.require_openvino)
+    if precision == "bf16":
+        if no_ov is None:
+            return R.OpenVINORunner(onnx_file, sc, precision="bf16", cache=False), "bf16"
+        precision = "fp32"
+    if no_ort is None:
+        return R.OnnxRuntimeRunner(onnx_file, sc, providers=["CPUExecutionProvider"], cache=False), precision
+    if no_ov is None and precision in ("fp32", "int8"):
+        return R.OpenVINORunner(onnx_file, sc, precision=precision, cache=False), precision
+    raise no_ort
+
+
 def check_parity(sc: dict, onnx_file: Path, entry: ModelEntry, part: str, module: nn.Module,
             ref_fn: nn.Module | None, sizes, image, precision: str, tolerance: float | None) -> dict:
     """Run the fresh graph and PyTorch fp32 (the VAE contract) on a random batch and a real image at
     every size; raise ExportError past the tolerance."""
     tol = TOLERANCES[precision] if tolerance is None else float(tolerance)
-    check_prec = precision
-    runner: R.Runner
-    if precision == "bf16":
-        try:
-            O.require_openvino()
-            runner = R.OpenVINORunner(onnx_file, sc, precision="bf16", cache=False)
-        except BackendUnavailableError:
-            # No runtime here executes bf16 from ONNX; check the fp32 graph it runs on instead.
-            runner, check_prec = R.OnnxRuntimeRunner(onnx_file, sc, providers=["CPUExecutionProvider"],
-                                                     cache=False), "fp32"
-            tol = min(tol, TOLERANCES["fp32"]) if tolerance is None else tol
-    else:
-        runner = R.OnnxRuntimeRunner(onnx_file, sc, providers=["CPUExecutionProvider"], cache=False)
+    runner, check_prec = parity_runner(onnx_file, sc, precision)
+    if check_prec != precision and tolerance is None:
+        tol = min(tol, TOLERANCES[check_prec])
 
     vae = VAE(entry=entry)
     vae.parts[model_part(part)] = make_part(entry, model_part(part), module, sc["weights_sha256"])
