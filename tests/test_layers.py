@@ -156,3 +156,12 @@ def test_package_inits_import_nothing(mod):
 def test_no_module_is_huge():
     big = {m: n for m, p in all_modules().items() if (n := len(p.read_text().splitlines())) > 650}
     assert not big, f"split these modules (over 650 lines): {big}"
+
+
+def test_cli_starts_without_torch():
+    """`vaepack --help` and option errors stay instant: command modules import the library lazily."""
+    import subprocess
+    import sys
+
+    code = "import sys, vaepack.cli.app; bad = [m for m in ('torch', 'numpy') if m in sys.modules]; assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(PKG.parent))

@@ -11,7 +11,6 @@ from vaepack.cli.common import (BackendOpt, DeviceOpt, ForceOpt, JsonOpt, KeepOp
                                 TileBudgetOpt, TileOverlapOpt, TileSizeOpt, finish, finite, image_loader,
                                 note, ran, ran_over, run_each, stdout_console, tile_options)
 from vaepack.errors import UsageError, VaepackError
-from vaepack.io import group_by_size, output_paths
 
 
 def encode(
@@ -31,7 +30,7 @@ def encode(
 ):
     """Encode images to latent files (records the remap so `decode` restores the original size)."""
     from vaepack import latents as L
-    from vaepack.io import check_output, expand_inputs
+    from vaepack.io import check_output, expand_inputs, group_by_size, output_paths
     from vaepack.pipeline import FILTERS, encode_batch, encode_tiles
     from vaepack.runtime import load_vae
 
@@ -103,7 +102,7 @@ def decode(
                                      "space/convention anyway."),
 ):
     """Decode latent files to images, restoring the original size by default."""
-    from vaepack.io import check_output, expand_inputs, save_image
+    from vaepack.io import check_output, expand_inputs, output_paths, save_image
     from vaepack.latents import load_latent
     from vaepack.pipeline import decode_image, decode_runtime
 
@@ -151,7 +150,7 @@ def roundtrip(
     """Encode + decode and report PSNR, MSE, SSIM and MS-SSIM against the input."""
     import torch
 
-    from vaepack.io import check_output, expand_inputs, image_float, save_image
+    from vaepack.io import check_output, expand_inputs, image_float, output_paths, save_image
     from vaepack.metrics import image_metrics, mean_of_rows, unavailable_metrics
     from vaepack.pipeline import decode_record, decode_runtime, encode_tensor
     from vaepack.runtime import load_vae
