@@ -496,8 +496,11 @@ def test_roundtrip_compare_and_json(good, tmp_path, run_cli):
     assert rep["ok"][0]["size"] == [64, 48] and rep["ok"][0]["psnr"] > 20
     assert rep["mean"]["psnr"] == rep["ok"][0]["psnr"]
     im = Image.open(cmp_)
-    assert im.size == (128, 48)
-    left = np.asarray(im)[:, :64].astype(int)
+    from vaepack.plots import compare_layout  # labeled: a caption band on top, small images enlarged k x
+
+    k, band = compare_layout(48, 64)
+    assert im.size == (128 * k, 48 * k + band)
+    left = np.asarray(im)[band::k, : 64 * k : k].astype(int)
     assert np.abs(left - np.asarray(Image.open(good))).max() <= 1  # the original on the left
 
 

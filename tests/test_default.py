@@ -38,7 +38,10 @@ def test_default_roundtrip_without_cache_or_network(run_cli, no_mirror, tmp_path
     r = json.loads(out)["ok"][0]
     assert r["size"] == [128, 96]
     assert r["psnr"] > 18.0  # far above a broken pipeline (~10 dB), see benchmarks/results for the real numbers
-    assert Image.open(cmp).size == (256, 96)
+    from vaepack.plots import compare_layout  # labeled: a caption band on top, small images enlarged k x
+
+    k, band = compare_layout(96, 128)
+    assert Image.open(cmp).size == (256 * k, 96 * k + band)
     assert not any(no_mirror.rglob("*.pth")), "nothing may be downloaded for the default model"
 
 

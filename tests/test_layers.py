@@ -15,10 +15,10 @@ PKG = Path(__file__).resolve().parent.parent / "vaepack"
 
 # Bottom to top (docs/architecture.md). A module may import its own layer and the ones below.
 LAYERS: list[tuple[str, ...]] = [
-    ("vaepack", "vaepack.errors", "vaepack.paths", "vaepack.files", "vaepack.policy"),
+    ("vaepack", "vaepack.errors", "vaepack.paths", "vaepack.files", "vaepack.policy", "vaepack.presets"),
     ("vaepack.manifest",),
     ("vaepack.weights", "vaepack.loader", "vaepack.io", "vaepack.latents", "vaepack.metrics", "vaepack.flops",
-     "vaepack.samplers"),
+     "vaepack.samplers", "vaepack.perceptual"),
     ("vaepack.models",),
     ("vaepack.vae",),
     ("vaepack.pipeline", "vaepack.tiling"),
@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vaepack.quantize",),
     ("vaepack.export",),
     ("vaepack.runtime",),
-    ("vaepack.train", "vaepack.analysis", "vaepack.bench", "vaepack.data"),
+    ("vaepack.train", "vaepack.analysis", "vaepack.bench", "vaepack.data", "vaepack.plots", "vaepack.tune"),
     ("vaepack.cli",),
 ]
 
@@ -165,3 +165,21 @@ def test_cli_starts_without_torch():
 
     code = "import sys, vaepack.cli.app; bad = [m for m in ('torch', 'numpy') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(PKG.parent))
+
+
+def test_outputs_are_shared_like_any_file(tmp_path):
+    """Atomic writes go through mkstemp (0600); the renamed output gets 0666 & ~umask like open()."""
+    import os
+
+    from vaepack.files import atomic_write_bytes
+    from vaepack.io import atomic_output
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        with atomic_output(tmp_path / "b.txt") as t:
+            t.write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644

@@ -164,25 +164,39 @@ def stats_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(res: dict, path: Path, metric: str = "psnr") -> None:
-    """Metric vs scale, one line per (model, decoder): the paper's Fig. 3."""
-    from vaepack.bench.report import line_chart, save_png
+UNITS = {"psnr": "PSNR (dB)", "mse": "MSE (pixel values in [0, 1])", "ssim": "SSIM", "ms_ssim": "MS-SSIM"}
 
-    series: dict[str, list[tuple[float, float]]] = {}
+
+def plot_sweep(res: dict, path: Path, metric: str = "psnr") -> None:
+    """Metric vs scale, one line per (model, decoder), mean +- std over the images: the paper's Fig. 3
+    (matplotlib, vaepack.plots)."""
+    from vaepack.plots import Series, line_chart
+
+    series: dict[str, Series] = {}
     for r in res["rows"]:
-        series.setdefault(f"{r['model']} -> {r['decoder']}", []).append((r["scale"], r[metric]))
-    save_png(line_chart(series, "input scale", metric.upper(), f"{metric} vs input scale"), path)
+        s = series.setdefault(f"{r['model']} -> {r['decoder']}", Series(f"{r['model']} -> {r['decoder']}", [], []))
+        s.points.append((r["scale"], r[metric]))
+        s.errors.append(r.get(metric + "_std"))
+    n = len(res["images"])
+    crop = f", {res['crop']} px center crops" if res.get("crop") else ""
+    line_chart(path, [(list(series.values()), "input scale (x image side, upsampled before encoding)",
+                       UNITS.get(metric, metric), f"{UNITS.get(metric, metric).split(' (')[0]} vs input scale "
+                       f"(mean \u00b1 std over {n} image{'s' if n != 1 else ''}{crop})")])
 
 
 def plot_stats(res: dict, path: Path) -> None:
-    from vaepack.bench.report import line_chart, save_png
+    """Latent mean/std per input size for student and teacher (Fig. 5), and KL/JS between the fitted
+    Gaussians (Fig. 6), as two panels."""
+    from vaepack.plots import Series, line_chart
 
-    series = {
-        "student std": [(r["size"], r["student_std"]) for r in res["rows"]],
-        "teacher std": [(r["size"], r["teacher_std"]) for r in res["rows"]],
-        "student mean": [(r["size"], r["student_mean"]) for r in res["rows"]],
-        "teacher mean": [(r["size"], r["teacher_mean"]) for r in res["rows"]],
-        "KL(T||S)": [(r["size"], r["kl"]) for r in res["rows"]],
-        "JS": [(r["size"], r["js"]) for r in res["rows"]],
-    }
-    save_png(line_chart(series, "input size (px)", "value", "latent statistics vs resolution"), path)
+    rows = res["rows"]
+    size = "input size (px, square)"
+    moments = [Series(f"{who} {what}", [(r["size"], r[f"{who}_{what}"]) for r in rows])
+               for who in ("student", "teacher") for what in ("mean", "std")]
+    div = [Series("KL(T\u2016S) (Eq. 2)", [(r["size"], r["kl"]) for r in rows]),
+           Series("JS(T, S)", [(r["size"], r["js"]) for r in rows])]
+    positive = all(r["kl"] > 0 and r["js"] > 0 for r in rows)
+    line_chart(path, [(moments, size, "latent value (diffusion latent units)",
+                       f"latent statistics: {res['student']} vs {res['teacher']}"),
+                      (div, size, "divergence (nats)" + (", log scale" if positive else ""),
+                       "divergence between the fitted Gaussians")], logy=[False, positive])

@@ -31,6 +31,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _DIGESTS[key]
 
 
+def publish_mode(path: str | os.PathLike) -> None:
+    """mkstemp creates 0600 files; an output is meant to be shared like any file the user writes
+    (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename: never a partial file."""
     path = Path(path)
@@ -39,6 +47,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

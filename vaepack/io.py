@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from vaepack.errors import ImageError, OutputExistsError, UsageError, VaepackError
+from vaepack.files import publish_mode
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 DEFAULT_MAX_PIXELS = 16384 * 16384  # ~268 MP; override with --max-pixels or VAEPACK_MAX_PIXELS
@@ -42,6 +43,7 @@ def atomic_output(path: Path, force: bool = True) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        publish_mode(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -16,6 +16,15 @@ def cache_dir() -> Path:
     return base / "vaepack"
 
 
+def presets_dir() -> Path:
+    """Where ``vaepack tune --save-preset`` keeps presets: ``$VAEPACK_PRESETS`` if set, else
+    ``cache_dir()/presets``."""
+    env = os.environ.get("VAEPACK_PRESETS")
+    if env:
+        return Path(env).expanduser()
+    return cache_dir() / "presets"
+
+
 def package_dir() -> Path:
     return Path(__file__).resolve().parent
 

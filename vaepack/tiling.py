@@ -71,6 +71,31 @@ def axis_weights(n_in: int, n_out: int, lo: int, hi: int, filter: str, antialias
     return a, w
 
 
+def row_blocks(n_in: int, n_out: int, lo: int, hi: int, filter: str, antialias: bool,
+               block: int = 32) -> list[tuple[int, torch.Tensor]]:
+    """``axis_weights`` for output rows ``lo:hi`` cut into blocks of ``block`` rows, each with only
+    the input span it touches: [(first input index, weights (rows, k))]. A resize is then a few
+    small matmuls whose cost is k (about block * n_in / n_out + the filter's taps) per output pixel."""
+    a, w = axis_weights(n_in, n_out, lo, hi, filter, antialias)
+    out = []
+    for r in range(0, hi - lo, block):
+        wb = w[r:r + block]
+        cols = (wb != 0).any(0).nonzero().flatten()
+        c0, c1 = int(cols.min()), int(cols.max()) + 1
+        out.append((a + c0, wb[:, c0:c1].contiguous()))
+    return out
+
+
+def apply_rows(x: torch.Tensor, blocks: list[tuple[int, torch.Tensor]], first: int = 0) -> torch.Tensor:
+    """Resize along the height: ``x`` holds input rows from ``first`` on."""
+    out = x.new_empty(*x.shape[:-2], sum(w.shape[0] for _, w in blocks), x.shape[-1])
+    r = 0
+    for a, w in blocks:
+        torch.matmul(w.to(x.device), x[..., a - first:a - first + w.shape[1], :], out=out[..., r:r + w.shape[0], :])
+        r += w.shape[0]
+    return out
+
+
 def _float32(device: torch.device):
     """Resizing is pixel arithmetic, not the network: the tiler calls it inside the VAE's autocast,
     which would run these matmuls in bf16."""
@@ -84,7 +109,10 @@ def _pad_index(idx: torch.Tensor, n: int, mode: str) -> torch.Tensor:
 
 class Remap:
     """The remapped, padded image (n, 3, H', W') that ``pipeline.prepare`` would make, read region by
-    region from the (uint8 or float) source: nothing image-sized is allocated."""
+    region from the (uint8 or float) source: nothing image-sized is allocated. Tiles come row by row,
+    so the rows of a tile row are remapped once at full width (a band): along the height with
+    ``row_blocks``, along the width with ``interpolate`` itself (which leaves an unchanged height
+    exactly as it is), then each tile is cut from the band."""
 
     def __init__(self, src: torch.Tensor, size: tuple[int, int], filter: str, pad: tuple[int, int, int, int]):
         self.src, self.size, self.filter = src if src.dim() == 4 else src[None], tuple(size), filter
@@ -93,35 +121,40 @@ class Remap:
         _, pw, _, ph = pad
         self.mode = "reflect" if ph < self.size[0] and pw < self.size[1] else "replicate"
         self.shape = (*self.src.shape[:2], self.size[0] + ph, self.size[1] + pw)
-        self._w: dict[tuple, tuple[int, torch.Tensor]] = {}  # tile rows/columns repeat: weights per span
+        self._band: tuple[tuple[int, int], torch.Tensor] | None = None  # (remapped rows a:b, band)
 
-    def _axis(self, axis: int, lo: int, hi: int) -> tuple[int, torch.Tensor] | None:
-        n_in = self.src.shape[axis]
-        if n_in == self.size[axis - 2]:
-            return None  # interpolate is exactly the identity along an axis it does not resize
-        key = (axis, lo, hi)
-        if key not in self._w:
-            self._w[key] = axis_weights(n_in, self.size[axis - 2], lo, hi, self.filter, self.antialias)
-        return self._w[key]
+    def _rows(self, a: int, b: int) -> torch.Tensor:
+        """Remapped rows a:b (before padding) at the full remapped width."""
+        if self._band is not None and self._band[0] == (a, b):
+            return self._band[1]
+        self._band = None  # free the previous band first
+        h, w = self.src.shape[-2:]
+        if h == self.size[0]:
+            t = image_float(self.src[..., a:b, :])
+        else:
+            blocks = row_blocks(h, self.size[0], a, b, self.filter, self.antialias)
+            first, last = blocks[0][0], max(c + wb.shape[1] for c, wb in blocks)
+            t = image_float(self.src[..., first:last, :])
+            with _float32(t.device):
+                t = apply_rows(t, blocks, first)
+        if w != self.size[1]:
+            with _float32(t.device):
+                t = interpolate(t, (b - a, self.size[1]), self.filter, self.antialias)
+        self._band = ((a, b), t)
+        return t
 
     def region(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
         iy = _pad_index(torch.arange(y0, y1), self.size[0], self.mode)
         ix = _pad_index(torch.arange(x0, x1), self.size[1], self.mode)
-        (a, b), (c, d) = (int(iy.min()), int(iy.max()) + 1), (int(ix.min()), int(ix.max()) + 1)
-        wy, wx = self._axis(2, a, b), self._axis(3, c, d)
-        ry = (wy[0], wy[0] + wy[1].shape[1]) if wy else (a, b)
-        rx = (wx[0], wx[0] + wx[1].shape[1]) if wx else (c, d)
-        t = image_float(self.src[..., ry[0]:ry[1], rx[0]:rx[1]])
-        with _float32(t.device):
-            if wy:
-                t = torch.matmul(wy[1], t)
-            if wx:
-                t = torch.matmul(t, wx[1].t())
-        if y1 > self.size[0]:  # reflected/replicated rows of the padding
-            t = t.index_select(-2, iy - a)
-        if x1 > self.size[1]:
-            t = t.index_select(-1, ix - c)
-        return t
+        a, b = int(iy.min()), int(iy.max()) + 1
+        if tuple(self.src.shape[-2:]) == self.size:  # no remap: convert just the tile
+            c, d = int(ix.min()), int(ix.max()) + 1
+            t = image_float(self.src[..., a:b, c:d])
+            t = t.index_select(-2, iy - a) if y1 > self.size[0] else t
+            return t.index_select(-1, ix - c) if x1 > self.size[1] else t
+        t = self._rows(a, b)
+        t = t.index_select(-2, iy - a) if y1 > self.size[0] else t  # reflected/replicated padding rows
+        return t.index_select(-1, ix) if x1 > self.size[1] else t[..., x0:x1]
 
 
 class Tensor4:
@@ -165,45 +198,43 @@ class Crop:
 
 class Resize:
     """``resize(image, size, filter).clamp(0, 1)`` over rows that arrive top to bottom: each strip is
-    resized horizontally at once, and output rows leave as soon as their vertical taps have arrived."""
+    resized along the width at once (``interpolate``, which leaves the strip's height exactly as it
+    is), and output rows leave in chunks as soon as their taps along the height have arrived."""
 
     def __init__(self, sink: RowSink, src: tuple[int, int], dst: tuple[int, int], filter: str, chunk: int = 64):
         self.sink, self.src, self.dst, self.filter, self.chunk = sink, tuple(src), tuple(dst), filter, chunk
         self.aa = shrinks(self.src, self.dst)
-        self.cols = [] if src[1] == dst[1] else \
-            [(c, axis_weights(src[1], dst[1], c, min(dst[1], c + 256), filter, self.aa)) for c in range(0, dst[1], 256)]
         self.buf, self.buf_top, self.next = None, 0, 0  # buffered rows start at buf_top; next output row
-        self._w: tuple | None = None  # the weights of the output chunk at ``next``
+        self._b: tuple | None = None  # (output row, its chunk's row blocks)
 
-    def _rows(self, o: int) -> tuple[int, torch.Tensor | None]:
+    def _need(self, o: int) -> tuple[int, int, list | None]:
+        """The input rows [lo, hi) output rows o.. need, and their blocks (None: same height)."""
         if self.src[0] == self.dst[0]:
-            return o, None
-        if self._w is None or self._w[0] != o:
-            self._w = (o, axis_weights(self.src[0], self.dst[0], o, min(self.dst[0], o + self.chunk), self.filter, self.aa))
-        return self._w[1]
+            return o, min(self.dst[0], o + self.chunk), None
+        if self._b is None or self._b[0] != o:
+            self._b = (o, row_blocks(self.src[0], self.dst[0], o, min(self.dst[0], o + self.chunk), self.filter,
+                                     self.aa))
+        blocks = self._b[1]
+        return blocks[0][0], max(a + w.shape[1] for a, w in blocks), blocks
 
     def write(self, top: int, rows: torch.Tensor) -> None:
         with _float32(rows.device):
             self._write(rows.float())
 
     def _write(self, rows: torch.Tensor) -> None:
-        if self.cols:
-            out = rows.new_empty(*rows.shape[:-1], self.dst[1])
-            for c, (a, w) in self.cols:
-                out[..., c:c + w.shape[0]] = torch.matmul(rows[..., a:a + w.shape[1]], w.to(rows.device).t())
-            rows = out
+        if self.src[1] != self.dst[1]:
+            rows = interpolate(rows, (rows.shape[-2], self.dst[1]), self.filter, self.aa)
         self.buf = rows if self.buf is None else torch.cat([self.buf, rows], dim=-2)
         have = self.buf_top + self.buf.shape[-2]
         while self.next < self.dst[0]:
-            a, w = self._rows(self.next)
-            k = w.shape[1] if w is not None else min(self.chunk, self.dst[0] - self.next)
-            if a + k > have and have < self.src[0]:
+            lo, hi, blocks = self._need(self.next)
+            if hi > have and have < self.src[0]:
                 break  # its taps have not all arrived
-            band = self.buf[..., a - self.buf_top:a - self.buf_top + k, :]
-            self.sink.write(self.next, (torch.matmul(w.to(band.device), band) if w is not None else band).clamp(0, 1))
-            self.next += w.shape[0] if w is not None else k
+            out = apply_rows(self.buf, blocks, self.buf_top) if blocks else self.buf[..., lo - self.buf_top:hi - self.buf_top, :]
+            self.sink.write(self.next, out.clamp(0, 1))
+            self.next += out.shape[-2]
             if self.next < self.dst[0]:  # drop the rows no later output needs (the next cat compacts)
-                keep = self._rows(self.next)[0] - self.buf_top
+                keep = self._need(self.next)[0] - self.buf_top
                 self.buf, self.buf_top = self.buf[..., keep:, :], self.buf_top + keep
 
 
@@ -232,37 +263,32 @@ class _Stop(Exception):
 
 class _GlobalNorm:
     """Stands in for a GroupNorm's forward: while ``collecting`` it sums its input and squares over
-    the kept rows of each strip (float32 per strip and group, float64 across strips) and stops the
-    strip; afterwards it normalizes every strip with those whole-tensor statistics. Group by group,
-    so the float temporaries are a fraction of a strip."""
+    the kept rows of each strip (float32 per strip, float64 across strips) and stops the strip;
+    afterwards it normalizes every strip with those whole-tensor statistics, as an inference-mode
+    batch norm with the group statistics per channel (one fused kernel, float math like GroupNorm)."""
 
     def __init__(self, gn: nn.GroupNorm):
         self.gn, self.keep, self.collecting = gn, slice(None), True
         self.count, self.s1, self.s2 = 0, 0.0, 0.0
 
-    def _groups(self, c: int):
-        per = c // self.gn.num_groups
-        return [slice(i * per, (i + 1) * per) for i in range(self.gn.num_groups)]
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        groups, dims = self._groups(x.shape[1]), (1, 2, 3)
+        n, c, g = x.shape[0], x.shape[1], self.gn.num_groups
         if self.collecting:
-            s1, s2 = [], []
-            for g in groups:
-                v = x[:, g, self.keep].float()
-                s1.append(v.sum(dims).double())
-                s2.append(v.square_().sum(dims).double())
-            self.s1, self.s2 = self.s1 + torch.stack(s1, 1), self.s2 + torch.stack(s2, 1)
-            self.count += v[0].numel()
+            v = x[:, :, self.keep].float()
+            self.s1 = self.s1 + v.sum((2, 3)).double().reshape(n, g, -1).sum(-1)
+            self.s2 = self.s2 + v.square_().sum((2, 3)).double().reshape(n, g, -1).sum(-1)
+            self.count += v[0].numel() // g
             raise _Stop
-        mean = self.s1 / self.count
-        rstd = torch.rsqrt((self.s2 / self.count - mean.square()).clamp_min(0) + self.gn.eps)
-        out = torch.empty_like(x)
-        for i, g in enumerate(groups):
-            a = rstd[:, i, None].float() * (self.gn.weight[g] if self.gn.affine else 1.0)
-            b = -mean[:, i, None].float() * a + (self.gn.bias[g] if self.gn.affine else 0.0)
-            out[:, g] = (x[:, g].float() * a[:, :, None, None] + b[:, :, None, None]).to(x.dtype)
-        return out
+        if n != 1:  # batch norm takes one set of statistics: per sample
+            return torch.cat([self._apply(x[i:i + 1], i) for i in range(n)])
+        return self._apply(x, 0)
+
+    def _apply(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        per = x.shape[1] // self.gn.num_groups
+        mean = self.s1[i] / self.count
+        var = (self.s2[i] / self.count - mean.square()).clamp_min(0)
+        return F.batch_norm(x, mean.repeat_interleave(per).float(), var.repeat_interleave(per).float(),
+                            self.gn.weight, self.gn.bias, False, 0.0, self.gn.eps)
 
 
 def _stages(part: nn.Module) -> list[tuple[nn.Module, int | None, list[nn.GroupNorm]]]:

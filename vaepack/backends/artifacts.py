@@ -10,7 +10,6 @@ the file, or whose weights hash does not match the model's current weights.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,6 @@ EXPORT_PARTS = ("encoder", "decoder", "eps-step")
 SIDECAR_FORMAT = "vaepack.onnx-export"
 ENGINE_FORMAT = "vaepack.tensorrt-engine"
 FORMAT_VERSION = "1"
-
-
-def publish_mode(path: Path) -> None:
-    """mkstemp creates 0600 files; artifacts are meant to be shared like any output (0666 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
 
 
 def graph_precision(precision: str) -> str:

@@ -9,8 +9,8 @@ Modules, bottom to top (import the one you need; this file imports nothing):
 - ``run``: ``run_bench``, one timed row per (model, precision, backend, part, size, scale, batch[, nfe]);
   backends are ``TimedCall`` factories (``register_backend``).
 - ``rd``: ``run_rd``, rate-distortion of stored latents next to JPEG and WebP.
-- ``report``: ``to_markdown``, ``plot`` and the Pillow charts (``line_chart`` is shared with
-  ``vaepack.analysis``).
+- ``report``: ``to_markdown`` and ``plot`` (the charts are drawn by ``vaepack.plots``, matplotlib,
+  shared with ``vaepack.analysis`` and ``vaepack.tune``).
 - ``suites``: named suites in benchmarks/suites/*.yaml (``load_suite``, ``run_suite``).
 
 ``run_bench``/``run_rd`` return a plain dict (the JSON document); the CLI only parses options.

@@ -51,16 +51,21 @@ def load_images(data_dir, max_images: int | None, crop: int | None = None,
 
 
 def mean_metrics(pairs) -> dict:
-    """Per-image PSNR/SSIM/MS-SSIM averaged over a list of (original, reconstruction); PSNR of
-    identical images is stored as ``metrics.PSNR_CAP_DB`` so the JSON stays finite."""
-    acc = {"psnr": [], "ssim": [], "ms_ssim": []}
+    """Per-image PSNR/SSIM/MS-SSIM and the perceptual indices HaarPSI/GMSD (vaepack.perceptual)
+    averaged over a list of (original, reconstruction); PSNR of identical images is stored as
+    ``metrics.PSNR_CAP_DB`` so the JSON stays finite."""
+    from vaepack import perceptual
+
+    acc = {"psnr": [], "ssim": [], "ms_ssim": [], "haarpsi": [], "gmsd": []}
     for a, b in pairs:
         acc["psnr"].append(M.psnr(a, b))
         acc["ssim"].append(M.ssim(a, b))
         acc["ms_ssim"].append(M.ms_ssim(a, b))
+        for k, v in perceptual.perceptual_metrics(a, b).items():
+            acc[k].append(v)
     n = len(acc["psnr"])
-    return {"psnr": M.json_psnr(sum(acc["psnr"]) / n), "ssim": sum(acc["ssim"]) / n,
-            "ms_ssim": sum(acc["ms_ssim"]) / n, "images": n}
+    return {"psnr": M.json_psnr(sum(acc["psnr"]) / n), **{k: sum(v) / n for k, v in acc.items() if k != "psnr"},
+            "images": n}
 
 
 class ModelCache:

@@ -151,7 +151,8 @@ def run_rd(models, data_dir, scales=(1.0,), formats=None, jpeg_qualities=JPEG_QU
             row = {"codec": codec, "variant": variant, "quality_setting": q,
                    "model": mid if codec == "latent" else None, "decoder": did if codec == "latent" else None,
                    "scale": float(s) if s is not None else None, "bpp": sum(bpps) / len(bpps),
-                   "psnr": m["psnr"], "ssim": m["ssim"], "ms_ssim": m["ms_ssim"], "images": m["images"]}
+                   "psnr": m["psnr"], "ssim": m["ssim"], "ms_ssim": m["ms_ssim"], "haarpsi": m["haarpsi"],
+                   "gmsd": m["gmsd"], "images": m["images"]}
             result["rows"].append(row)
             if progress:
                 progress(i + 1, len(jobs), row)

@@ -17,8 +17,9 @@ Measurement choices (why they are what they are):
 - Quality (with ``data_dir``): each image, cropped to a multiple of 8 (top-left), is round-tripped
   by ``vaepack.pipeline`` at the row's scale (bilinear upsample, encode, decode, antialiased
   bilinear downsample) with the model's encoder and the decoder of ``decoder`` (default: the
-  model), at the row's precision, torch backend only; PSNR/SSIM/MS-SSIM are per-image means
-  (vaepack.metrics). PSNR of identical images is stored as ``metrics.PSNR_CAP_DB`` (100.0).
+  model), at the row's precision, torch backend only; PSNR/SSIM/MS-SSIM (vaepack.metrics) and the
+  perceptual indices HaarPSI/GMSD (vaepack.perceptual) are per-image means. PSNR of identical
+  images is stored as ``metrics.PSNR_CAP_DB`` (100.0).
 
 Backends: ``torch`` is built in (fp32; bf16 = autocast + channels_last, as ``VAE`` does on CPU).
 ``onnxruntime``/``openvino``/``tensorrt`` go through ``vaepack.runtime.get_backend`` (imported
@@ -60,6 +61,39 @@ class TimedCall:
 
 # name -> factory(vae, part, precision, input_shape, decode_kwargs) -> TimedCall
 _BACKENDS: dict[str, Callable[..., TimedCall]] = {}
+
+
+@dataclass
+class Timing:
+    """Wall times (seconds) of the timed calls, and the memory probe that watched them."""
+
+    times: list[float]
+    mem: PeakMemory
+
+    @property
+    def median_ms(self) -> float:
+        return _percentile(self.times, 0.5) * 1e3
+
+    @property
+    def p90_ms(self) -> float:
+        return _percentile(self.times, 0.9) * 1e3
+
+
+def time_call(call: TimedCall, x: torch.Tensor, warmup: int, repeat: int, device) -> Timing:
+    """The one timing loop (``run_bench`` rows, ``vaepack tune``): ``warmup`` untimed calls, then
+    ``repeat`` timed ones, each clock read after ``call.sync()``, under inference mode and
+    ``machine.PeakMemory``. Errors (out of memory, a backend refusing) propagate to the caller."""
+    times = []
+    with torch.inference_mode(), PeakMemory(device) as mem:
+        for _ in range(warmup):
+            call.fn(x)
+            call.sync()
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            call.fn(x)
+            call.sync()
+            times.append(time.perf_counter() - t0)
+    return Timing(times, mem)
 
 
 def register_backend(name: str, factory: Callable[..., TimedCall]) -> None:
@@ -269,23 +303,15 @@ def _bench_row(reg: ModelCache, mid, prec, be, part, size, scale, batch, n, dec_
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=gen) if part == "encoder" else torch.randn(shape, generator=gen)
     x = x.to(dev)
-    times = []
     try:
-        with torch.inference_mode(), PeakMemory(dev) as mem:
-            for _ in range(warmup):
-                call.fn(x)
-                call.sync()
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                call.fn(x)
-                call.sync()
-                times.append(time.perf_counter() - t0)
+        timing = time_call(call, x, warmup, repeat, dev)
     except (torch.OutOfMemoryError, MemoryError) as e:
         row.update(status="error", reason=f"out of memory: {str(e).splitlines()[0] if str(e) else 'MemoryError'}")
         return row
     except VaepackError as e:
         row.update(status="skipped", reason=str(e))
         return row
+    times, mem = timing.times, timing.mem
     med = _percentile(times, 0.5)
     row.update(runs=len(times), latency_ms_median=med * 1e3, latency_ms_p90=_percentile(times, 0.9) * 1e3,
                latency_ms_min=min(times) * 1e3, throughput_img_s=batch / med,
@@ -297,8 +323,8 @@ def _bench_row(reg: ModelCache, mid, prec, be, part, size, scale, batch, n, dec_
         if qkey not in quality_cache:
             quality_cache[qkey] = _quality(reg, mid, quality_dec, prec, scale, n, be, images)
         q = quality_cache[qkey]
-        row.update(psnr=q.get("psnr"), ssim=q.get("ssim"), ms_ssim=q.get("ms_ssim"),
-                   quality_images=q.get("images"), quality_note=q.get("note"))
+        row.update(psnr=q.get("psnr"), ssim=q.get("ssim"), ms_ssim=q.get("ms_ssim"), haarpsi=q.get("haarpsi"),
+                   gmsd=q.get("gmsd"), quality_images=q.get("images"), quality_note=q.get("note"))
     return row
 
 

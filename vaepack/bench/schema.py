@@ -30,14 +30,19 @@ ROW_FIELDS: dict[str, tuple] = {
     "macs_per_image": ((int, float), True), "flops_per_image": ((int, float), True),
     "gflops_per_s": ((int, float), True), "peak_mem_mb": ((int, float), True), "mem_method": ((str,), True),
     "psnr": ((int, float), True), "ssim": ((int, float), True), "ms_ssim": ((int, float), True),
+    "haarpsi": ((int, float), True), "gmsd": ((int, float), True),
     "quality_images": ((int,), True), "quality_note": ((str,), True),
 }
 RD_ROW_FIELDS: dict[str, tuple] = {
     "codec": ((str,), False), "variant": ((str,), False), "quality_setting": ((int,), True),
     "model": ((str,), True), "decoder": ((str,), True), "scale": ((int, float), True),
     "bpp": ((int, float), False), "psnr": ((int, float), False), "ssim": ((int, float), False),
-    "ms_ssim": ((int, float), False), "images": ((int,), False),
+    "ms_ssim": ((int, float), False), "haarpsi": ((int, float), True), "gmsd": ((int, float), True),
+    "images": ((int,), False),
 }
+# Fields added after results were first recorded: a file written before them may lack them (read as
+# absent = not measured); new files always carry them.
+ADDED_FIELDS = frozenset({"haarpsi", "gmsd"})
 STATUSES = ("ok", "skipped", "error")
 MACHINE_FIELDS = ("cpu", "logical_cpus", "threads", "device", "python", "torch", "vaepack")
 
@@ -96,6 +101,8 @@ def validate(result) -> None:
             bad(f"rows[{i}] is not an object")
         for key, (types, nullable) in fields.items():
             if key not in row:
+                if key in ADDED_FIELDS:
+                    continue
                 bad(f"rows[{i}].{key} missing")
             v = row[key]
             if v is None:

@@ -30,6 +30,7 @@ def sweep(
 
     if plot_out:
         check_output(plot_out, force)  # before the minutes of measuring
+        _plots_available()
 
     models = [model] + ([teacher] if teacher else [])
     res = A.sweep(inputs, models, csv_list(scales, float), decoder=decoder, device=device, dtype=dtype, filter=filter,
@@ -52,10 +53,17 @@ def latent_stats(
 
     if plot_out:
         check_output(plot_out, force)
+        _plots_available()
 
     res = A.latent_stats(inputs, model, teacher, csv_list(sizes, int), device=device, dtype=dtype,
                          progress=note)  # stderr, so --json on stdout stays clean
     _report(res, as_json, plot_out, A.plot_stats, A.stats_markdown)
+
+
+def _plots_available() -> None:
+    from vaepack.plots import require_matplotlib
+
+    require_matplotlib()  # matplotlib's install hint before the minutes of measuring
 
 
 def _report(res: dict, as_json: bool, plot_out: Optional[Path], plot, markdown) -> None:

@@ -42,6 +42,10 @@ def bench(
     for out in (json_out if json_out is not None and str(json_out) != "-" else None, plot_out):
         if out is not None:
             check_output(out, force)  # before the minutes of measuring
+    if plot_out is not None:
+        from vaepack.plots import require_matplotlib
+
+        require_matplotlib()  # the install hint now, not after the measuring
 
     from vaepack.bench.rd import run_rd
     from vaepack.bench.report import plot, to_markdown

@@ -12,8 +12,21 @@ from vaepack.cli.common import (BackendOpt, DeviceOpt, ForceOpt, JsonOpt, KeepOp
                                 note, ran, ran_over, run_each, stdout_console, tile_options)
 from vaepack.errors import UsageError, VaepackError
 
+PresetOpt = typer.Option(None, "--preset", help="Options saved by `vaepack tune --save-preset NAME` (model, decoder, "
+                         "scale, steps, backend, dtype); options given here win.")
+
+
+def _with_preset(ctx: typer.Context, preset: Optional[str], command: str, **values) -> dict:
+    """``values`` with the options the command line left at their defaults filled from ``preset``."""
+    from vaepack.presets import apply_preset
+
+    given = {k for k in values
+             if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    return apply_preset(preset, command, values, given)
+
 
 def encode(
+    ctx: typer.Context,
     inputs: list[str] = typer.Argument(..., help="Image files, directories or glob patterns."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Output file (one input) or directory (several)."),
@@ -26,9 +39,11 @@ def encode(
     dtype: Optional[str] = RunDtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
     keep_going: bool = KeepOpt,
     tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
-    max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt,
+    max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt, preset: Optional[str] = PresetOpt,
 ):
     """Encode images to latent files (records the remap so `decode` restores the original size)."""
+    o = _with_preset(ctx, preset, "encode", model=model, scale=scale, backend=backend, dtype=dtype)
+    model, scale, backend, dtype = o["model"], o["scale"], o["backend"], o["dtype"]
     from vaepack import latents as L
     from vaepack.io import check_output, expand_inputs, group_by_size, output_paths
     from vaepack.pipeline import FILTERS, encode_batch, encode_tiles
@@ -85,6 +100,7 @@ def _decoder_vae(model: Optional[str], decoder: Optional[str], rec_model: str, d
 
 
 def decode(
+    ctx: typer.Context,
     latents: list[str] = typer.Argument(..., help="Latent files (.latent.safetensors or ComfyUI .latent)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output image (one input) or directory."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Decoder model (default: the one that "
@@ -100,8 +116,11 @@ def decode(
     as_json: bool = JsonOpt,
     mismatch_ok: bool = typer.Option(False, "--force-space", help="Decode a latent from another latent "
                                      "space/convention anyway."),
+    preset: Optional[str] = PresetOpt,
 ):
     """Decode latent files to images, restoring the original size by default."""
+    o = _with_preset(ctx, preset, "decode", model=model, decoder=decoder, steps=steps, backend=backend, dtype=dtype)
+    decoder, steps, backend, dtype = o["decoder"], o["steps"], o["backend"], o["dtype"]
     from vaepack.io import check_output, expand_inputs, output_paths, save_image
     from vaepack.latents import load_latent
     from vaepack.pipeline import decode_image, decode_runtime
@@ -132,6 +151,7 @@ def decode(
 
 # --------------------------------------------------------------------------- roundtrip
 def roundtrip(
+    ctx: typer.Context,
     inputs: list[str] = typer.Argument(..., help="Image files, directories or glob patterns."),
     model: str = ModelOpt,
     decoder: Optional[str] = typer.Option(None, "--decoder", help="Decoder model (default: --model's)."),
@@ -145,14 +165,18 @@ def roundtrip(
     dtype: Optional[str] = RunDtypeOpt, device: str = DeviceOpt, backend: str = BackendOpt, force: bool = ForceOpt,
     keep_going: bool = KeepOpt,
     tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
-    max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt,
+    max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt, preset: Optional[str] = PresetOpt,
 ):
-    """Encode + decode and report PSNR, MSE, SSIM and MS-SSIM against the input."""
-    import torch
-
+    """Encode + decode and report PSNR, MSE, SSIM, MS-SSIM and the perceptual HaarPSI/GMSD against the input."""
+    o = _with_preset(ctx, preset, "roundtrip", model=model, decoder=decoder, scale=scale, steps=steps, backend=backend,
+                     dtype=dtype)
+    model, decoder, scale, steps, backend, dtype = (o[k] for k in ("model", "decoder", "scale", "steps", "backend",
+                                                                   "dtype"))
     from vaepack.io import check_output, expand_inputs, image_float, output_paths, save_image
     from vaepack.metrics import image_metrics, mean_of_rows, unavailable_metrics
+    from vaepack.perceptual import perceptual_metrics
     from vaepack.pipeline import decode_record, decode_runtime, encode_tensor
+    from vaepack.plots import save_compare
     from vaepack.runtime import load_vae
 
     tiles = tile_options(tile_budget, tile_size, tile_overlap)
@@ -162,6 +186,7 @@ def roundtrip(
     enc = load_vae(model, parts=("encoder",), device=device, dtype=dtype, backend=backend)
     dec = _decoder_vae(None, decoder or model, model, device, dtype, steps, seed, backend)
     load = image_loader(max_pixels)
+    unlabeled: list[str] = []  # say once that --compare images are unlabeled without matplotlib
 
     def one(p: Path):
         for o in (cmp_outs.get(p), rec_outs.get(p)):
@@ -174,28 +199,31 @@ def roundtrip(
         rt = {"encoder": {"backend": rec.backend, "dtype": rec.dtype}, "decoder": decode_runtime(dec, rec, tiles)}
         m = image_metrics(y, x)  # SSIM/MS-SSIM are left out of images under 11x11 px, with the reason:
         gaps = unavailable_metrics(x.shape[-2], x.shape[-1])
-        if p in cmp_outs:
-            save_image(cmp_outs[p], torch.cat([x, y], dim=-1), force=force)
+        m.update(perceptual_metrics(y, x))  # HaarPSI/GMSD: defined at every size
+        why = save_compare(cmp_outs[p], x, y, m["psnr"], force=force) if p in cmp_outs else None
+        if why and not unlabeled:
+            unlabeled.append(why)
+            note(f"--compare images are unlabeled: {why}")
         if p in rec_outs:
             save_image(rec_outs[p], y, force=force)
         return {"input": str(p), "size": [x.shape[-1], x.shape[-2]], **{k: finite(float(v)) for k, v in m.items()},
                 **({"unavailable": gaps} if gaps else {}), "runtime": rt}
 
     rep = run_each(paths, one, keep_going, "roundtrip")
-    mean = mean_of_rows(rep.ok)
+    mean = mean_of_rows(rep.ok, keys=("psnr", "mse", "ssim", "ms_ssim", "haarpsi", "gmsd"))
     if not as_json and rep.ok:
         from rich.table import Table
 
         runs = sorted({ran(r["runtime"][part]) for r in rep.ok for part in ("encoder", "decoder")})
         t = Table(title=f"{enc.entry.id} -> {dec.entry.id}, scale {scale:g} ({', '.join(runs)})")
         t.add_column("image")
-        for k in ("PSNR dB", "MSE x1e-4", "SSIM", "MS-SSIM"):
+        for k in ("PSNR dB", "MSE x1e-4", "SSIM", "MS-SSIM", "HaarPSI", "GMSD"):
             t.add_column(k, justify="right")
 
         def fmt(r):
             def f(k, d=2, mul=1.0):
                 return "-" if k not in r else "inf" if r[k] is None else f"{r[k] * mul:.{d}f}"
-            return [f("psnr"), f("mse", 2, 1e4), f("ssim", 4), f("ms_ssim", 4)]
+            return [f("psnr"), f("mse", 2, 1e4), f("ssim", 4), f("ms_ssim", 4), f("haarpsi", 4), f("gmsd", 4)]
         for r in rep.ok:
             t.add_row(Path(r["input"]).name, *fmt(r))
             for reason in r.get("unavailable", {}).values():

@@ -207,10 +207,8 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
         sc["onnx_bytes"] = tmp.stat().st_size
         sc["versions"] = O.versions("onnxruntime", "onnxscript", "openvino")
         sc["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        A.publish_mode(tmp)
     with atomic_output(sc_path) as tmp:
         tmp.write_text(json.dumps(sc, indent=1) + "\n")
-        A.publish_mode(tmp)
     log.info("exported %s (%s); parity max abs err %.3g", onnx_path, precision, sc["parity"]["max_abs_err"])
     return ExportResult(onnx_path, sc_path, sc)
 

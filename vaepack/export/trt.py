@@ -134,10 +134,8 @@ def build_trt_engine(onnx_path: str | Path, profile: str | Path | Profile, preci
         esc["engine_sha256"] = sha256_file(tmp)
         if parity and sc["part"] != "eps-step":
             esc["parity"] = check_engine_parity(tmp, esc, prof, chosen)
-        A.publish_mode(tmp)
     with atomic_output(out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(esc, indent=1) + "\n")
-        A.publish_mode(tmp)
     return out
 
 
