@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -110,6 +110,9 @@ class LatentRecord:
     source: str = ""
     packed: bool = False
     backend: str = ""  # the backend that ran the encoder (torch for tiled runs); "" in files written before it
+    # Where a converted latent came from (vaepack/convert.py: source file/model/sha256, the path taken);
+    # metadata key ``conversion``, absent in encoded files and files written before it.
+    provenance: dict[str, str] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -120,6 +123,7 @@ class LatentRecord:
             "padding": json.dumps(list(self.padding)), "convention": json.dumps(self.convention, sort_keys=True),
             "dtype": self.dtype, "source": self.source, "packed": json.dumps(self.packed),
             **({"backend": self.backend} if self.backend else {}),
+            **({"conversion": json.dumps(self.provenance, sort_keys=True)} if self.provenance else {}),
         }
 
 
@@ -191,6 +195,13 @@ def _meta(meta: dict, key: str, path: Path, conv=str):
         raise LatentFileError(f"latent metadata '{key}' is malformed: {meta[key]!r}", path=str(path)) from None
 
 
+def _str_dict(s: str) -> dict[str, str]:
+    v = json.loads(s)
+    if not isinstance(v, dict):
+        raise ValueError
+    return {str(k): str(x) for k, x in v.items()}
+
+
 def load_latent(path: Path, default_model: str | None = None) -> LatentRecord:
     """Read and validate a vaepack or ComfyUI latent file."""
     from safetensors import SafetensorError, safe_open
@@ -248,6 +259,7 @@ def load_latent(path: Path, default_model: str | None = None) -> LatentRecord:
         convention=_meta(meta, "convention", path, json.loads), dtype=meta.get("dtype", ""),
         source=meta.get("source", ""), packed=meta.get("packed", "false") == "true",
         backend=meta.get("backend", ""),
+        provenance=_meta(meta, "conversion", path, _str_dict) if "conversion" in meta else {},
     )
     if len(rec.orig_size) != 2 or len(rec.scaled_size) != 2 or len(rec.padding) != 4:
         raise LatentFileError("latent metadata sizes are malformed", path=str(path))

@@ -79,14 +79,59 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class BridgeEntry:
+    """A learned latent-space bridge (paper 001; vaepack/bridges.py): the frozen *decoder* of ``source``
+    run up to a tap + a projector into the *encoder* space of ``target``. Its weights are one part,
+    ``bridge``, so the weights cache (pull/verify/status) treats it like a model's part."""
+
+    id: str
+    description: str
+    license: str
+    source: str  # model id whose decoder is the frozen prefix (its space is the source space)
+    target: str  # model id whose encoder space the bridge writes
+    source_space: str
+    target_space: str
+    family: str
+    config: dict[str, Any]
+    files: tuple[FileSpec, ...]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> dict[str, PartSpec]:
+        return {"bridge": PartSpec(part="bridge", family=self.family, config=self.config, files=self.files,
+                                   provenance=self.provenance)}
+
+    def part(self, part: str) -> PartSpec:
+        if part != "bridge":
+            raise UnknownModelError(f"bridge '{self.id}' has no {part} (it has: bridge)")
+        return self.parts["bridge"]
+
+    @property
+    def embedded(self) -> bool:
+        return all(f.embedded for f in self.files)
+
+
+@dataclass(frozen=True)
 class Manifest:
     path: Path
     models: dict[str, ModelEntry]
     aliases: dict[str, str]
     spaces: dict[str, Space]
+    bridges: dict[str, BridgeEntry] = field(default_factory=dict)
 
     def resolve(self, name: str) -> str:
         return self.aliases.get(name, name)
+
+    def bridges_for(self, source_space: str, target_space: str) -> list[BridgeEntry]:
+        """Bridges from one latent space into another, in manifest order (the first is the default)."""
+        return [b for b in self.bridges.values() if b.source_space == source_space and b.target_space == target_space]
+
+    def get_bridge(self, name: str) -> BridgeEntry:
+        if name in self.bridges:
+            return self.bridges[name]
+        close = difflib.get_close_matches(name, sorted(self.bridges), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `vaepack weights list`"
+        raise UnknownModelError(f"unknown bridge '{name}'", hint=hint)
 
     def get(self, name: str) -> ModelEntry:
         mid = self.resolve(name)
@@ -122,11 +167,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
         for pname, p in (_req(m, "parts", w) or {}).items():
             if pname not in PARTS:
                 raise ManifestError(f"{w}: unknown part '{pname}' (expected one of {PARTS})")
-            files = tuple(
-                FileSpec(name=_req(f, "name", w), url=f.get("url"), size=f.get("size"),
-                         sha256=(f.get("sha256") or None), embedded=bool(f.get("embedded", False)))
-                for f in _req(p, "files", f"{w}.parts.{pname}")
-            )
+            files = _parse_files(_req(p, "files", f"{w}.parts.{pname}"), w)
             cal = p.get("int8_calibration")
             if cal is not None and not (isinstance(cal, dict) and cal.get("name") and cal.get("sha256")):
                 raise ManifestError(f"{w}.parts.{pname}.int8_calibration needs name and sha256")
@@ -145,7 +186,54 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     for a, t in aliases.items():
         if t not in models:
             raise ManifestError(f"{where}: alias '{a}' points to unknown model '{t}'")
-    return Manifest(path=path, models=models, aliases=aliases, spaces=spaces)
+    bridges = _parse_bridges(data.get("bridges") or {}, where, models, aliases)
+    return Manifest(path=path, models=models, aliases=aliases, spaces=spaces, bridges=bridges)
+
+
+def _parse_files(items, w: str) -> tuple[FileSpec, ...]:
+    return tuple(FileSpec(name=_req(f, "name", w), url=f.get("url"), size=f.get("size"),
+                          sha256=(f.get("sha256") or None), embedded=bool(f.get("embedded", False)))
+                 for f in items)
+
+
+def _parse_bridges(raw: dict, where: str, models: dict[str, ModelEntry],
+                   aliases: dict[str, str]) -> dict[str, BridgeEntry]:
+    """The ``bridges:`` section. Checked here: ids, both ends, the family; the config against the
+    architecture and the weights is checked when the bridge loads (vaepack/bridges.py)."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: 'bridges' must be a mapping of bridge id -> entry")
+    out: dict[str, BridgeEntry] = {}
+    for bid, b in raw.items():
+        w = f"{where}: bridges.{bid}"
+        if bid in models or bid in aliases:  # one namespace for `weights pull/verify ID`
+            raise ManifestError(f"{w}: the id '{bid}' is already a model id or alias")
+        if not isinstance(b, dict):
+            raise ManifestError(f"{w}: must be a mapping")
+        ends = {}
+        for end, part in (("source", "decoder"), ("target", "encoder")):
+            name = str(_req(b, end, w))
+            mid = aliases.get(name, name)
+            if mid not in models:
+                raise ManifestError(f"{w}: unknown {end} model '{name}'")
+            if part not in models[mid].parts:
+                raise ManifestError(f"{w}: {end} model '{mid}' has no {part} (a bridge runs the source's decoder "
+                                    f"and writes the target's encoder space)")
+            ends[end] = models[mid]
+        if ends["source"].space.name == ends["target"].space.name:
+            raise ManifestError(f"{w}: source and target are both in the '{ends['source'].space.name}' space")
+        family = str(b.get("family", "bridge"))
+        if family != "bridge":
+            raise ManifestError(f"{w}: unknown bridge family '{family}' (known: bridge)")
+        files = _parse_files(_req(b, "files", w) or [], f"{w}.files")
+        if not files:
+            raise ManifestError(f"{w}: lists no weight files")
+        out[bid] = BridgeEntry(id=bid, description=str(b.get("description", "")),
+                               license=str(b.get("license", "unknown")), source=ends["source"].id,
+                               target=ends["target"].id, source_space=ends["source"].space.name,
+                               target_space=ends["target"].space.name, family=family,
+                               config=dict(b.get("config") or {}), files=files,
+                               provenance=dict(b.get("provenance") or {}))
+    return out
 
 
 @functools.lru_cache(maxsize=4)

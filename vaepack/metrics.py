@@ -250,3 +250,29 @@ def mean_of_rows(rows: list[dict], keys=("psnr", "mse", "ssim", "ms_ssim")) -> d
         elif rows:
             mean.setdefault("unavailable", {})[k] = rows[0].get("unavailable", {}).get(k, "not measured")
     return mean
+
+
+# --------------------------------------------------------------------------- latent agreement
+@torch.no_grad()
+def latent_agreement(preds: list[torch.Tensor], targets: list[torch.Tensor]) -> dict[str, float]:
+    """How close predicted latents are to reference latents of the same images (issue 14's bridge
+    measurements). Latents (C, h, w) or (1, C, h, w), any sizes per pair.
+
+    - ``rel_mse``: MSE over all elements of all pairs / variance of all target elements (pooled, so
+      big images weigh by their size; 0 = exact, 1 = as bad as predicting the mean);
+    - ``cosine``: cosine similarity of each flattened pair, averaged over pairs;
+    - ``mean_gap`` / ``std_gap``: per-channel |mean(pred) - mean(target)| and |std(pred) - std(target)|
+      over all positions of all pairs, averaged over channels (distribution shift a model would see).
+    """
+    if not preds or len(preds) != len(targets):
+        raise ValueError("latent_agreement needs as many predictions as targets (at least one)")
+    p = [x.detach().double().reshape(x.shape[-3], -1) for x in preds]
+    t = [x.detach().double().reshape(x.shape[-3], -1) for x in targets]
+    if any(a.shape != b.shape for a, b in zip(p, t)):
+        raise ValueError("prediction and target latents differ in shape")
+    pc, tc = torch.cat(p, 1), torch.cat(t, 1)
+    cos = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() for a, b in zip(p, t)]
+    return {"rel_mse": ((pc - tc) ** 2).mean().item() / tc.var().item(),
+            "cosine": sum(cos) / len(cos),
+            "mean_gap": (pc.mean(1) - tc.mean(1)).abs().mean().item(),
+            "std_gap": (pc.std(1) - tc.std(1)).abs().mean().item()}

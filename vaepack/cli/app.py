@@ -14,14 +14,16 @@ from typing import Iterable
 
 import typer
 
-from vaepack.cli import analysis, bench, dataset, export, run, train, tune
+from vaepack.cli import analysis, bench, convert, dataset, export, run, train, tune
 from vaepack.cli.weights import weights_app
 from vaepack.errors import VaepackError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fast, honest image VAEs: encode, decode, distill, export, benchmark.")
 for name, fn in (("encode", run.encode), ("decode", run.decode), ("roundtrip", run.roundtrip),
+                 ("convert", convert.convert),
                  ("distill", train.distill), ("distill-export", train.distill_export), ("train-eps", train.train_eps),
+                 ("train-bridge", train.train_bridge),
                  ("sweep", analysis.sweep), ("latent-stats", analysis.latent_stats), ("export", export.export),
                  ("bench", bench.bench), ("tune", tune.tune)):
     app.command(name)(fn)

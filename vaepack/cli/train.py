@@ -22,8 +22,8 @@ def _train_progress(label: str):
     task = prog.add_task(label, total=None, info="")
 
     def cb(d: dict):
-        if d.get("phase") == "teacher":
-            prog.update(task, completed=d["step"], total=d["total"], info="caching teacher outputs")
+        if d.get("phase") in ("teacher", "pairs"):
+            prog.update(task, completed=d["step"], total=d["total"], info="caching teacher outputs" if d["phase"] == "teacher" else "encoding training pairs")
         else:
             prog.update(task, completed=d["step"], total=d.get("total"),
                         info=f"loss {d.get('loss', float('nan')):.4f}  {d.get('steps_per_s', 0):.2f} steps/s")
@@ -161,3 +161,61 @@ def train_eps(
     res = run_train_eps(cfg, progress=note)
     note(json.dumps(res, default=str))
 
+
+
+def train_bridge(
+    source: str = typer.Option("taef2", "--source", help="Source model: its TAE decoder, frozen, is the spatial prior."),
+    target: str = typer.Option("taesana", "--target", help="Target model: the bridge learns its encoder's latents."),
+    data: Path = typer.Option(..., "--data", help="Folder of training images (never the evaluation set)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: training pairs, checkpoint, log, bridge.safetensors."),
+    tap: str = typer.Option("s0", "--tap", help="Where the source decoder stops: latent, s0, s1, s2 (end of that "
+                            "stage: 1x/2x/4x the latent size), pre_rgb or rgb."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Projector blocks per f32-encoder stage, e.g. 1,3,3,3 "
+                                         "(default: the target encoder's)."),
+    steps: int = typer.Option(3000, "--steps"),
+    batch: int = typer.Option(8, "--batch"),
+    crop: int = typer.Option(256, "--crop", help="Training crop in px (a multiple of 32)."),
+    crops_per_image: int = typer.Option(8, "--crops-per-image", help="Random crops per photo, encoded once and cached."),
+    lr: float = typer.Option(3e-4, "--lr"),
+    ema: float = typer.Option(0.999, "--ema", help="EMA decay of the exported weights."),
+    w_mse: float = typer.Option(1.0, "--w-mse", help="Latent MSE weight."),
+    w_l1: float = typer.Option(0.1, "--w-l1", help="Latent L1 weight."),
+    w_attn: float = typer.Option(0.0, "--w-attn", help="Attention-fidelity weight (token-affinity KL)."),
+    w_feat: float = typer.Option(0.0, "--w-feat", help="Weight of the adapter's output vs the target encoder's own "
+                                 "features where the bridge enters it."),
+    adapter_blocks: int = typer.Option(0, "--adapter-blocks", help="TAE blocks in the adapter (0: one conv)."),
+    attn_tau: float = typer.Option(0.1, "--attn-tau", help="Attention-fidelity temperature."),
+    no_warm_start: bool = typer.Option(False, "--no-warm-start", help="Projector from scratch, not from the "
+                                       "target encoder's layers."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop (checkpoint + export) after this long."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    device: str = DeviceOpt,
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast of the tap and projector (weights and loss fp32)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Training-pair cache to reuse across runs."),
+    as_json: bool = JsonOpt,
+):
+    """Train a Bridge (paper 001): the frozen source decoder up to --tap + a projector into --target's space."""
+    from vaepack.files import command_line
+    from vaepack.train.bridge import run_train_bridge
+    from vaepack.train.config import BridgeTrainConfig
+
+    try:
+        blk = tuple(int(b) for b in blocks.split(",")) if blocks else None
+    except ValueError:
+        raise UsageError(f"--blocks must be 4 comma-separated counts, got {blocks!r}") from None
+    cfg = BridgeTrainConfig(data, out, source=source, target=target, tap=tap, blocks=blk, adapter_blocks=adapter_blocks,
+                            warm_start=not no_warm_start, w_feat=w_feat,
+                            steps=steps, batch=batch, crop=crop, crops_per_image=crops_per_image, lr=lr, ema=ema,
+                            w_mse=w_mse, w_l1=w_l1, w_attn=w_attn, attn_tau=attn_tau, resume=resume,
+                            max_minutes=budget_minutes, seed=seed, threads=threads, device=device, bf16=bf16,
+                            cache_path=cache,
+                            command=command_line())
+    prog, cb = _train_progress("train-bridge")
+    with prog:
+        res = run_train_bridge(cfg, progress=cb)
+    if as_json:
+        emit_json(res)
+    else:
+        note(f"step {res['step']}/{res['steps']} -> {res['exported']}")

@@ -245,3 +245,76 @@ class EpsTrainConfig:
         if self.export_dtype not in EXPORT_DTYPES:
             raise UsageError(f"unknown export dtype '{self.export_dtype}' ({', '.join(EXPORT_DTYPES)})")
         training_images(self.data_dir)
+
+
+# ---------------------------------------------------------------------------- bridge (paper 001)
+BRIDGE_TAPS = ("latent", "s0", "s1", "s2", "pre_rgb", "rgb")  # vaepack.models.bridge.TAP_DIVISOR
+
+
+@dataclass
+class BridgeTrainConfig:
+    """A Bridge run (vaepack.train.bridge.run_train_bridge): the frozen ``source`` decoder cut at ``tap``
+    + a projector trained to give ``target``'s encoder latent of the same photo.
+
+    Loss: ``w_mse`` ||P(D_s(z)) - E_t(x)||^2 + ``w_l1`` |.| (the latent reconstruction objective) +
+    ``w_attn`` x attention fidelity (KL between the row-softmax token affinities of target and
+    prediction at temperature ``attn_tau``; vaepack's reading of the paper's abstract-level term).
+    Training pairs are ``crops_per_image`` random ``crop`` px crops of each photo (random mirror),
+    encoded once by both frozen encoders and cached (``cache_path``)."""
+
+    data_dir: Path
+    out_dir: Path
+    source: str = "taef2"
+    target: str = "taesana"
+    tap: str = "s0"
+    blocks: tuple[int, ...] | None = None  # projector depth per f32-encoder stage (None: TAESana's)
+    adapter_blocks: int = 0  # TAE blocks in the adapter (tap features -> the target encoder's features)
+    warm_start: bool = True  # the projector's f32-encoder layers start as the target encoder's
+    steps: int = 3000
+    batch: int = 8
+    crop: int = 256
+    crops_per_image: int = 8
+    lr: float = 3e-4
+    ema: float = 0.999
+    w_mse: float = 1.0
+    w_l1: float = 0.1
+    w_attn: float = 0.0
+    attn_tau: float = 0.1
+    w_feat: float = 0.0  # adapter output vs the target encoder's features at the entry point (MSE / variance)
+    attn_max_tokens: int = 32  # affinities on at most 32x32 tokens (average-pooled above)
+    resume: bool = False
+    max_minutes: float | None = None
+    seed: int = 0
+    threads: int | None = None
+    device: str | None = None
+    bf16: bool = True  # autocast the frozen tap and the projector (bf16 on the CPU); loss and weights fp32
+    cache_tap_gb: float = 6.0  # keep the frozen tap's output of every pair in memory up to this size (0: never)
+    cache_path: Path | None = None  # None: <out_dir>/pairs.pt
+    log_every: int = 50
+    save_every_minutes: float = 5.0
+    command: str | None = None
+
+    def __post_init__(self):
+        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
+        self.cache_path = Path(self.cache_path) if self.cache_path is not None else None
+        if self.blocks is not None:
+            self.blocks = tuple(int(b) for b in self.blocks)
+
+    def validate(self) -> None:
+        from vaepack.train.common import training_images
+
+        if self.tap not in BRIDGE_TAPS:
+            raise UsageError(f"unknown --tap '{self.tap}' (choose {', '.join(BRIDGE_TAPS)})")
+        if self.steps < 1 or self.batch < 1 or self.crops_per_image < 1:
+            raise UsageError("--steps, --batch and --crops-per-image must be >= 1")
+        if self.crop < 32 or self.crop % 32:
+            raise UsageError(f"--crop must be a multiple of 32 (the target's factor), got {self.crop}")
+        if self.adapter_blocks < 0 or (self.tap == "rgb" and self.adapter_blocks):
+            raise UsageError("--adapter-blocks must be >= 0 (and 0 with --tap rgb, which has no adapter)")
+        if min(self.w_mse, self.w_l1, self.w_attn, self.w_feat) < 0 or self.w_mse + self.w_l1 == 0:
+            raise UsageError("loss weights must be >= 0 and --w-mse + --w-l1 > 0")
+        if self.attn_tau <= 0:
+            raise UsageError("--attn-tau must be > 0")
+        if self.blocks is not None and (len(self.blocks) != 4 or min(self.blocks) < 0):
+            raise UsageError("--blocks must be 4 counts >= 0")
+        training_images(self.data_dir)

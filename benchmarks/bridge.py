@@ -1,0 +1,159 @@
+"""Bridge (issue 14) measurements: how close converted latents come to the target encoder's own latent
+of the original photo, and what each conversion costs.
+
+For every dev photo x: reference T = E_t(x) (TAESana's encoder), source z = E_s(x) (TAEF2's encoder).
+- pixel path: E_t(clamp(D_s(z)))          (decode, re-encode; what `vaepack convert --via pixel` does)
+- bridge:     P(tap(z))                   (each trained bridge file given)
+Latent agreement (vaepack.metrics.latent_agreement: relative MSE = MSE / variance of the targets,
+cosine, per-channel mean/std gaps) on center crops (default 256 px, the issue's protocol) and on the
+full photos (cropped to a multiple of 32 px, so no padding convention enters the comparison). Cost:
+MACs (vaepack.flops) and torch fp32 latency at --size px, batch 1, median of --repeat runs, same process.
+
+    python benchmarks/bridge.py --data ../shared/data/dev --bridge RUN/bridge.safetensors ... [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def load_bridge_file(path: Path):
+    """A bridge projector from a training export (config in its metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from vaepack.models import bridge as B
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    conf = json.loads(meta["config"])
+    model = B.Bridge(B.BridgeConfig(**{k: v for k, v in conf.items() if k not in ("source", "target")}))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    return model.eval(), conf, meta
+
+
+def timed(fn, x, repeat: int) -> float:
+    with torch.no_grad():
+        fn(x)
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn(x)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1000
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--bridge", type=Path, nargs="*", default=[], help="bridge.safetensors files (training exports)")
+    ap.add_argument("--source", default="taef2")
+    ap.add_argument("--target", default="taesana")
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--size", type=int, default=512, help="latency image size (px)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-full", action="store_true", help="skip the full-photo rows")
+    ap.add_argument("--pixel-auto", action="store_true", help="also the pixel path on --backend auto (OpenVINO)")
+    ap.add_argument("--bridge-bf16", action="store_true", help="also each bridge under torch bf16 autocast")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+
+    from vaepack.flops import count_macs, param_count
+    from vaepack.io import list_images, load_image
+    from vaepack.metrics import latent_agreement
+    from vaepack.models import bridge as B
+    from vaepack.train.bridge import attention_fidelity, frozen_parts
+
+    dev = torch.device("cpu")
+    senc, sdec, roles, tenc, shas, _, _ = frozen_parts(a.source, a.target, dev)
+    photos = list_images(a.data, recursive=True, require=True)
+
+    sets = {"crop": [], "full": []}
+    for p in photos:
+        x = load_image(p)
+        h, w = x.shape[-2:]
+        c = a.crop
+        if min(h, w) >= c:
+            y0, x0 = (h - c) // 2, (w - c) // 2
+            sets["crop"].append(x[:, y0:y0 + c, x0:x0 + c][None])
+        if not a.no_full:
+            sets["full"].append(x[:, : h // 32 * 32, : w // 32 * 32][None])
+    paths = {"pixel": (lambda z: tenc(sdec(z).clamp(0, 1)), None, {"runtime": "torch fp32"})}
+    if a.pixel_auto:
+        # The pixel path as `vaepack convert --via pixel` runs it by default (--backend auto).
+        from vaepack.runtime import load_vae
+
+        vdec = load_vae(a.source, parts=("decoder",), backend="auto")
+        venc = load_vae(a.target, parts=("encoder",), backend="auto")
+        rt = f"{vdec.runtime('decoder')['backend']} {vdec.runtime('decoder')['dtype']} + " \
+             f"{venc.runtime('encoder')['backend']} {venc.runtime('encoder')['dtype']}"
+        paths["pixel-auto"] = (lambda z: venc.encode(vdec.decode(z)), None, {"runtime": rt})
+    for f in a.bridge:
+        proj, conf, meta = load_bridge_file(f)
+        tap = B.Tap(sdec, roles, conf["tap"]).eval()
+        info = {"file": str(f), "tap": conf["tap"], "steps": meta.get("steps"), "command": meta.get("command")}
+        paths[f.parent.name or f.stem] = ((lambda z, tap=tap, proj=proj: proj(tap(z))), (tap, proj),
+                                          {**info, "runtime": "torch fp32"})
+        if a.bridge_bf16:
+            def run16(z, tap=tap, proj=proj):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return proj(tap(z)).float()
+            paths[(f.parent.name or f.stem) + "-bf16"] = (run16, (tap, proj), {**info, "runtime": "torch bf16"})
+
+    rows = []
+    with torch.no_grad():
+        refs = {k: [(senc(x), tenc(x)) for x in xs] for k, xs in sets.items()}
+        s = a.size
+        zlat = senc(torch.rand(1, 3, s, s))
+        for name, (fn, parts, info) in paths.items():
+            row = {"path": name, **info}
+            for k, pairs in refs.items():
+                if pairs:
+                    preds = [fn(z) for z, _ in pairs]
+                    row[k] = latent_agreement(preds, [t for _, t in pairs])
+                    # the attention-fidelity objective's own measure (token-affinity KL, tau 0.1)
+                    row[k]["attn_kl"] = sum(attention_fidelity(p, t).item() for p, (_, t) in zip(preds, pairs)) / len(pairs)
+            zshape = (1, zlat.shape[1], s // 8, s // 8)
+            if parts is None:
+                macs = count_macs(sdec, zshape) + count_macs(tenc, (1, 3, s, s))
+                params = param_count(tenc)
+            else:
+                tap, proj = parts
+                fshape = tuple(tap(torch.zeros(zshape)).shape)
+                macs = (count_macs(tap, zshape) if len(tap.layers) else 0) + count_macs(proj, fshape)
+                params = param_count(proj)
+            row.update({"gmacs": macs / 1e9, "trainable_params": params, "latency_ms": timed(fn, zlat, a.repeat)})
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    base = rows[0]
+    lines = [f"| path | runtime | crop rel MSE | crop cosine | crop attn KL | full rel MSE | full cosine | mean gap | std gap | GMAC @{a.size} | ms @{a.size} | vs pixel: error / MACs / ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c, fu = r.get("crop", {}), r.get("full", {})
+        g = fu or c
+        lines.append(f"| {r['path']} | {r['runtime']} | {c.get('rel_mse', float('nan')):.4f} | {c.get('cosine', float('nan')):.4f} | {c.get('attn_kl', float('nan')):.4f} | "
+                     f"{fu.get('rel_mse', float('nan')):.4f} | {fu.get('cosine', float('nan')):.4f} | "
+                     f"{g.get('mean_gap', float('nan')):.4f} | {g.get('std_gap', float('nan')):.4f} | {r['gmacs']:.2f} | "
+                     f"{r['latency_ms']:.1f} | {c.get('rel_mse', 0) / base['crop']['rel_mse']:.2f}x / "
+                     f"{r['gmacs'] / base['gmacs']:.3f}x / {r['latency_ms'] / base['latency_ms']:.3f}x |")
+    print("\n".join(lines))
+    if a.json:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), platform.processor())
+        a.json.write_text(json.dumps({"machine": {"cpu": cpu, "threads": torch.get_num_threads(),
+                                                  "torch": torch.__version__},
+                                      "photos": len(photos), "crop": a.crop, "size": a.size, "shas": shas,
+                                      "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`vaepack train-bridge` (issue 14): the projector's construction, the attention-fidelity loss, and a
+tiny end-to-end run on the real TAEF2 -> TAESana pair (shared weights): the loss goes down, the run
+resumes, the export loads strictly as a manifest bridge and converts a latent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors import safe_open
+
+from vaepack.errors import UsageError
+from vaepack.models import bridge as B
+from vaepack.models import tae
+from vaepack.train.bridge import attention_fidelity, export_bridge, run_train_bridge
+from vaepack.train.config import BridgeTrainConfig
+
+
+def _images(folder, n=3, size=(96, 96)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        yy, xx = np.mgrid[: size[1], : size[0]] / max(size)
+        base = np.stack([np.sin(9 * xx + i), np.cos(7 * yy - i), np.sin(5 * (xx + yy))], -1) * 0.4 + 0.5
+        img = np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_rgb_bridge_starts_as_the_target_encoder():
+    """With the rgb tap the warm-started projector is the target encoder itself (= the pixel path)."""
+    torch.manual_seed(0)
+    cfg = tae.TAEConfig(kind="f32", latent_channels=4, width=8)
+    enc = tae.build("encoder", cfg).eval()
+    b = B.Bridge(B.BridgeConfig(tap="rgb", tap_channels=3, target_channels=4, width=8)).eval()
+    assert B.warm_start(b, enc.state_dict()) == len(enc.state_dict())
+    x = torch.rand(2, 3, 64, 96)
+    torch.testing.assert_close(b(x), enc(x))
+
+
+@pytest.mark.parametrize("tap,divisor", [("latent", 8), ("s0", 8), ("s1", 4), ("s2", 2), ("pre_rgb", 1), ("rgb", 1)])
+def test_every_tap_maps_to_the_target_grid(tap, divisor):
+    torch.manual_seed(0)
+    dcfg = tae.TAEConfig(kind="f8", latent_channels=4, width=8, blocks=(1, 1, 1, 1))
+    dec = tae.build("decoder", dcfg).eval()
+    t = B.Tap(dec, tae.roles("decoder", dcfg), tap)
+    z = torch.randn(1, 4, 12, 8)  # a 96x64 px image
+    f = t(z)
+    assert f.shape[-2:] == (96 // divisor, 64 // divisor)
+    ch = {"latent": 4, "rgb": 3}.get(tap, 8)
+    b = B.Bridge(B.BridgeConfig(tap=tap, tap_channels=ch, target_channels=4, width=8, blocks=(1, 1, 1, 1)))
+    assert b(f).shape == (1, 4, 3, 2)
+    if tap == "rgb":
+        assert f.min() >= 0 and f.max() <= 1  # the pixel path's decoder output is clamped too
+
+
+def test_warm_start_copies_the_kept_layers_by_role():
+    torch.manual_seed(0)
+    full = tae.build("encoder", tae.TAEConfig(kind="f32", latent_channels=4, width=8)).state_dict()
+    b = B.Bridge(B.BridgeConfig(tap="s0", tap_channels=8, target_channels=4, width=8, blocks=(1, 1, 1, 1)))
+    B.warm_start(b, full)
+    roles = tae.roles("encoder", tae.TAEConfig(kind="f32", latent_channels=4, width=8))
+    sd = b.layers.state_dict()
+    # layer 1 of the bridge (after the adapter conv) is the full encoder's s1.b0; the last is "out"
+    assert B.entry_index(b.cfg) == roles.index("s1.b0")
+    torch.testing.assert_close(sd["1.conv.0.weight"], full[f"{roles.index('s1.b0')}.conv.0.weight"])
+    last = len(b.layers) - 1
+    torch.testing.assert_close(sd[f"{last}.weight"], full[f"{roles.index('out')}.weight"])
+
+
+def test_adapter_output_is_where_the_target_encoder_continues():
+    """Feeding the bridge's kept layers the target encoder's own entry features reproduces the target
+    encoder exactly: the adapter's training target (w_feat) is that prefix's output."""
+    torch.manual_seed(0)
+    ecfg = tae.TAEConfig(kind="f32", latent_channels=4, width=8)
+    enc = tae.build("encoder", ecfg).eval()
+    for tap, ch in (("s0", 8), ("s1", 8), ("s2", 8), ("pre_rgb", 8)):
+        b = B.Bridge(B.BridgeConfig(tap=tap, tap_channels=ch, target_channels=4, width=8, adapter_blocks=1)).eval()
+        B.warm_start(b, enc.state_dict())
+        x = torch.rand(1, 3, 64, 96)
+        k = B.entry_index(b.cfg)
+        feats = enc[:k](x)
+        torch.testing.assert_close(b.layers[1:](feats), enc(x))
+        d = b.cfg.divisor
+        assert b.adapt(torch.rand(1, ch, 64 // d, 96 // d)).shape == feats.shape
+
+
+def test_attention_fidelity_is_zero_for_equal_affinities_and_positive_otherwise():
+    torch.manual_seed(0)
+    t = torch.randn(2, 8, 6, 5)
+    assert attention_fidelity(t, t).abs() < 1e-6
+    assert attention_fidelity(3 * t, t).abs() < 1e-6  # token scale does not matter (cosine affinities)
+    assert attention_fidelity(torch.randn_like(t), t) > 0.1
+    big = torch.randn(1, 4, 70, 40)  # pooled to at most 32 tokens per side
+    assert torch.isfinite(attention_fidelity(big, big + 0.1 * torch.randn_like(big)))
+
+
+def test_config_validation(tmp_path):
+    data = _images(tmp_path / "d", n=1)
+    for kw, msg in [({"tap": "s9"}, "tap"), ({"crop": 100}, "multiple of 32"), ({"steps": 0}, "steps"),
+                    ({"w_mse": 0, "w_l1": 0}, "w-mse"), ({"blocks": (1, 2)}, "blocks")]:
+        with pytest.raises(UsageError, match=msg):
+            BridgeTrainConfig(data, tmp_path / "r", **kw).validate()
+
+
+def _cfg(data, out, **kw):
+    args = dict(tap="s0", blocks=(1, 1, 1, 1), steps=40, batch=4, crop=64, crops_per_image=3, lr=1e-3,
+                log_every=10, threads=1, seed=0, device="cpu", command="test")
+    args.update(kw)
+    return BridgeTrainConfig(data, out, **args)
+
+
+def test_tiny_run_lowers_the_loss_resumes_exports_and_converts(tmp_path, shared_weights, monkeypatch):
+    data = _images(tmp_path / "data")
+    out = tmp_path / "run"
+    losses = []
+    res = run_train_bridge(_cfg(data, out, steps=20),
+                           progress=lambda d: d["phase"] == "train" and losses.append(d["loss"]))
+    assert res["step"] == 20 and res["pairs"] == 9 and (out / "pairs.pt").is_file()
+    with pytest.raises(UsageError, match="resume"):
+        run_train_bridge(_cfg(data, out, steps=40))
+    res = run_train_bridge(_cfg(data, out, steps=40, resume=True),
+                           progress=lambda d: d["phase"] == "train" and losses.append(d["loss"]))
+    assert res["step"] == 40 and "resumed from" in (out / "train.log").read_text()
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    with pytest.raises(UsageError, match="different bridge config"):
+        run_train_bridge(_cfg(data, out, steps=50, resume=True, tap="latent"))
+
+    f = out / "bridge.safetensors"
+    with safe_open(str(f), framework="pt") as h:
+        meta = h.metadata()
+    conf = json.loads(meta["config"])
+    assert conf["tap"] == "s0" and conf["source"] == "taef2" and meta["command"] == "test" and meta["steps"] == "40"
+    assert meta["source_decoder_sha256"] and meta["target_encoder_sha256"]
+
+    # the export is a manifest bridge: load it strictly through the registry and convert a latent
+    from vaepack.paths import manifest_path
+
+    manifest = yaml.safe_load(manifest_path().read_text())
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "trained.safetensors").write_bytes(f.read_bytes())
+    manifest["bridges"] = {"trained": {
+        "description": "tiny run", "license": "MIT", "source": "taef2", "target": "taesana", "family": "bridge",
+        "config": {k: v for k, v in conf.items() if k not in ("source", "target")},
+        "files": [{"name": "trained.safetensors", "size": f.stat().st_size,
+                   "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}]}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    monkeypatch.setenv("VAEPACK_MANIFEST", str(tmp_path / "m.yaml"))
+    monkeypatch.setenv("VAEPACK_MIRROR", f"{mirror},{shared_weights}")
+    from vaepack.bridges import load_bridge
+
+    lb = load_bridge("trained", device="cpu")
+    z = torch.randn(1, 32, 8, 12)
+    assert lb(z).shape == (1, 32, 2, 3)
+    # the exported fp16 EMA is what the checkpoint holds
+    c = torch.load(out / "checkpoint.pt", weights_only=False)
+    torch.testing.assert_close(lb.projector.state_dict()["layers.0.weight"].float(),
+                               c["ema"]["layers.0.weight"].half().float())
+    again = export_bridge(out, command="test", out=tmp_path / "again.safetensors")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(again)), load_file(str(f))  # (the header's key order is not fixed: compare contents)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(again), framework="pt") as h:
+        assert h.metadata() == meta
