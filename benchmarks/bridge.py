@@ -91,8 +91,8 @@ def main(argv=None) -> int:
         # The pixel path as `vaepack convert --via pixel` runs it by default (--backend auto).
         from vaepack.runtime import load_vae
 
-        vdec = load_vae(a.source, parts=("decoder",), backend="auto")
-        venc = load_vae(a.target, parts=("encoder",), backend="auto")
+        vdec = load_vae(a.source, parts=("decoder",), dtype=None, backend="auto")
+        venc = load_vae(a.target, parts=("encoder",), dtype=None, backend="auto")
         rt = f"{vdec.runtime('decoder')['backend']} {vdec.runtime('decoder')['dtype']} + " \
              f"{venc.runtime('encoder')['backend']} {venc.runtime('encoder')['dtype']}"
         paths["pixel-auto"] = (lambda z: venc.encode(vdec.decode(z)), None, {"runtime": rt})

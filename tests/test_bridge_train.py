@@ -169,3 +169,33 @@ def test_tiny_run_lowers_the_loss_resumes_exports_and_converts(tmp_path, shared_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with safe_open(str(again), framework="pt") as h:
         assert h.metadata() == meta
+
+
+def test_shipped_bridge_is_closer_to_taesana_than_the_pixel_path(shared_weights, shared):
+    """The manifest's FLUX.2 -> Sana bridge against an external oracle, TAESana's own encoder on the
+    photo: on center 256 px crops of six dev photos its pooled relative MSE is below the pixel path's
+    (benchmarks/results/bridge.md has the whole dev set)."""
+    from vaepack.bridges import load_bridge
+    from vaepack.io import list_images, load_image
+    from vaepack.loader import load_part
+    from vaepack.manifest import load_manifest
+    from vaepack.metrics import latent_agreement
+
+    man = load_manifest()
+    found = man.bridges_for("flux2", "sana")
+    assert found, "the manifest ships no FLUX.2 -> Sana bridge"
+    lb = load_bridge(found[0].id, device="cpu")
+    senc, _, _ = load_part("taef2", "encoder")
+    sdec, _, _ = load_part("taef2", "decoder")
+    tenc, _, _ = load_part("taesana", "encoder")
+    pix, br, ref = [], [], []
+    with torch.no_grad():
+        for p in list_images(shared / "data" / "dev", require=True)[:6]:
+            x = load_image(p)
+            h, w = x.shape[-2:]
+            x = x[None, :, (h - 256) // 2:(h - 256) // 2 + 256, (w - 256) // 2:(w - 256) // 2 + 256]
+            z = senc(x)
+            ref.append(tenc(x))
+            pix.append(tenc(sdec(z).clamp(0, 1)))
+            br.append(lb(z))
+    assert latent_agreement(br, ref)["rel_mse"] < latent_agreement(pix, ref)["rel_mse"]

@@ -76,6 +76,9 @@ CASES = {
     "encode-comfyui": Case(lambda i, o: ["encode", i.photo, "-o", o, "--format", "comfyui", *RUN],
                            out_name="p.latent"),
     "decode": Case(lambda i, o: ["decode", i.latent, "-o", o, *RUN], out_name="recon.png"),
+    # another embedded model of the same space: the pixel path, no download
+    "convert": Case(lambda i, o: ["convert", i.latent, "--to", "vaepack-f2-s32", "-o", o, *RUN],
+                    out_name="c.latent.safetensors"),
     "roundtrip --compare": Case(lambda i, o: ["roundtrip", i.photo, "--compare", o, *RUN], out_name="cmp.png"),
     "roundtrip --save": Case(lambda i, o: ["roundtrip", i.photo, "--save", o, *RUN], out_name="rec.png"),
     "distill-export": Case(lambda i, o: ["distill-export", i.run, "-o", o], out_name="enc.safetensors"),

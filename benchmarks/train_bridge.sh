@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The FLUX.2 -> Sana bridges of issue 14 (paper 001) and the variants in benchmarks/results/bridge.md.
+#
+#   usage: benchmarks/train_bridge.sh shipped|variants|export
+#
+# Every run shares one training-pair cache (PAIRS: 8 random 256 px crops of each training photo, mirrored
+# at random, through TAEF2's and TAESana's encoders in fp32; built by the first run, ~14 min on 2 cores)
+# and one tap-feature cache per tap beside it (PAIRS.tap-<tap>.pt). Runs resume with --resume.
+# `shipped` made vaepack/weights/bridge-taef2-taesana-rgb.safetensors (`export` copies it there).
+set -euo pipefail
+DATA=${DATA:-../shared/data/train}
+RUNS=${RUNS:-runs/bridge}
+PAIRS=${PAIRS:-$RUNS/pairs256.pt}
+COMMON=(--source taef2 --target taesana --data "$DATA" --cache "$PAIRS" --threads 1)
+mkdir -p "$RUNS"
+case "${1:-}" in
+  shipped)   # the rgb tap: TAESana's encoder fine-tuned on TAEF2's decoded crops (starts as the pixel path)
+    vaepack train-bridge "${COMMON[@]}" --out "$RUNS/rgb" --tap rgb --steps 1500 --lr 1e-4 --resume ;;
+  variants)  # the comparison of taps and loss terms (each from TAESana's layers; the adapter is new)
+    vaepack train-bridge "${COMMON[@]}" --out "$RUNS/s0-a2f0" --tap s0 --adapter-blocks 2 --steps 3000 --resume
+    vaepack train-bridge "${COMMON[@]}" --out "$RUNS/s0-a2f0-att" --tap s0 --adapter-blocks 2 --w-attn 1 --steps 3000 --resume
+    vaepack train-bridge "${COMMON[@]}" --out "$RUNS/s0-a2f1" --tap s0 --adapter-blocks 2 --w-feat 1 --steps 3000 --resume
+    vaepack train-bridge "${COMMON[@]}" --out "$RUNS/s1-a2f1" --tap s1 --adapter-blocks 2 --w-feat 1 --steps 3000 --resume
+    vaepack train-bridge "${COMMON[@]}" --out "$RUNS/s2-a1f1" --tap s2 --adapter-blocks 1 --w-feat 1 --steps 3000 --resume
+    vaepack train-bridge "${COMMON[@]}" --out "$RUNS/prergb" --tap pre_rgb --w-feat 1 --steps 400 --batch 4 --resume
+    vaepack train-bridge "${COMMON[@]}" --out "$RUNS/rgb2" --tap rgb --steps 3000 --lr 5e-5 --resume ;;
+  export)
+    cp "$RUNS/rgb/bridge.safetensors" vaepack/weights/bridge-taef2-taesana-rgb.safetensors
+    sha256sum vaepack/weights/bridge-taef2-taesana-rgb.safetensors ;;
+  *) echo "usage: $0 shipped|variants|export" >&2; exit 2 ;;
+esac
