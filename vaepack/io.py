@@ -209,15 +209,16 @@ def list_images(folder: str | os.PathLike, recursive: bool = False, require: boo
     return files
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files, directories (their images, sorted) and glob patterns -> list of paths."""
+def expand_inputs(items: list[str], list_dir=None, what: str = "input images") -> list[Path]:
+    """Files, directories (``list_dir(folder)``; default: their images, sorted) and glob patterns -> list
+    of paths."""
     import glob
 
     out: list[Path] = []
     for it in items:
         p = Path(it)
         if p.is_dir():
-            out += list_images(p)
+            out += (list_dir or list_images)(p)
         elif any(ch in it for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(it, recursive=True) if Path(m).is_file())
             if not matches:
@@ -226,7 +227,7 @@ def expand_inputs(items: list[str]) -> list[Path]:
         else:
             out.append(p)  # missing files are reported per file, so --keep-going can skip them
     if not out:
-        raise UsageError("no input images given")
+        raise UsageError(f"no {what} given")
     return out
 
 

@@ -17,23 +17,10 @@ LATENT_SUFFIXES = (".latent.safetensors", ".latent", ".safetensors")
 def latent_inputs(items: list[str]) -> list[Path]:
     """Files as given (a missing one fails on its own, so --keep-going can skip it), glob patterns, and
     directories (their latent files, sorted)."""
-    import glob
+    from vaepack.io import expand_inputs
 
-    out: list[Path] = []
-    for it in items:
-        p = Path(it)
-        if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.is_file() and q.name.endswith(LATENT_SUFFIXES))
-        elif any(c in it for c in "*?["):
-            found = sorted(Path(m) for m in glob.glob(it, recursive=True) if Path(m).is_file())
-            if not found:
-                raise UsageError(f"no files match '{it}'")
-            out += found
-        else:
-            out.append(p)
-    if not out:
-        raise UsageError("no latent files given")
-    return out
+    return expand_inputs(items, lambda d: sorted(q for q in d.iterdir() if q.is_file() and q.name.endswith(LATENT_SUFFIXES)),
+                         "latent files")
 
 
 def convert(
