@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,17 +38,6 @@ def load_bridge_file(path: Path):
     return model.eval(), conf, meta
 
 
-def timed(fn, x, repeat: int) -> float:
-    with torch.no_grad():
-        fn(x)
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn(x)
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1000
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -66,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
 
+    from vaepack.bench.run import TimedCall, time_call
     from vaepack.flops import count_macs, param_count
     from vaepack.io import list_images, load_image
     from vaepack.metrics import latent_agreement
@@ -130,7 +118,7 @@ def main(argv=None) -> int:
                 fshape = tuple(tap(torch.zeros(zshape)).shape)
                 macs = (count_macs(tap, zshape) if len(tap.layers) else 0) + count_macs(proj, fshape)
                 params = param_count(proj)
-            row.update({"gmacs": macs / 1e9, "trainable_params": params, "latency_ms": timed(fn, zlat, a.repeat)})
+            row.update({"gmacs": macs / 1e9, "trainable_params": params, "latency_ms": time_call(TimedCall(fn), zlat, 1, a.repeat, dev).median_ms})
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     base = rows[0]

@@ -91,12 +91,6 @@ class LoadedBridge(nn.Module):
         return self.projector(self.tap(z_source))
 
 
-def _tap_channels(tap: B.Tap, channels: int) -> int:
-    """Channels the cut decoder really outputs (one tiny forward: robust to any block layout)."""
-    with torch.no_grad():
-        return int(tap(torch.zeros(1, channels, 2, 2)).shape[1])
-
-
 def load_bridge(bridge_id: str | BridgeEntry, device: str | None = None) -> LoadedBridge:
     """Load a manifest bridge (fp32, eval mode, frozen) on ``device``; weights verified, strict load."""
     man = load_manifest()
@@ -111,7 +105,7 @@ def load_bridge(bridge_id: str | BridgeEntry, device: str | None = None) -> Load
         tap = B.Tap(decoder, tae.roles("decoder", dec_cfg), cfg.tap)
     except ValueError as e:  # e.g. a depth-pruned decoder without blocks in the tapped stage
         raise ManifestError(f"bridges.{entry.id}: {e}") from None
-    have = _tap_channels(tap, source.space.channels)
+    have = tap.out_channels(source.space.channels)
     if have != cfg.tap_channels:
         raise ManifestError(f"bridges.{entry.id}: config tap_channels {cfg.tap_channels} but the decoder of "
                             f"'{source.id}' has {have} channels at the '{cfg.tap}' tap")

@@ -162,6 +162,12 @@ class Tap(nn.Module):
         y = self.layers(z)
         return y.clamp(0, 1) if self.tap == "rgb" else y
 
+    def out_channels(self, latent_channels: int) -> int:
+        """Channels at the tap (a bridge's ``tap_channels``), from one tiny forward: right for any
+        block layout of the cut decoder."""
+        with torch.no_grad():
+            return int(self(torch.zeros(1, latent_channels, 2, 2)).shape[1])
+
 
 CONFIGS = {"bridge": BridgeConfig}
 

@@ -91,15 +91,6 @@ def frozen_parts(source: str, target: str, device: torch.device):
     return mods[0], mods[1], roles, mods[2], shas, sentry, tentry
 
 
-def tap_channels(sdec: nn.Sequential, roles: list[str], tap: str, latent_channels: int) -> int:
-    if tap == "latent":
-        return latent_channels
-    if tap == "rgb":
-        return 3
-    with torch.no_grad():
-        return B.Tap(sdec, roles, tap)(torch.zeros(1, latent_channels, 4, 4)).shape[1]
-
-
 # ----------------------------------------------------------------------------- training pairs
 def training_crops(cfg: BridgeTrainConfig) -> torch.Tensor:
     """uint8 (N, 3, crop, crop): ``crops_per_image`` random crops of every photo, each mirrored with
@@ -163,7 +154,7 @@ def tap_features(tap: nn.Module, z_all: torch.Tensor, device: torch.device, cfg:
         if c.get("key") == key:
             log.info("tap features from %s", path)
             return c["f"]
-    with torch.no_grad(), autocast(device, cfg.bf16):
+    with autocast(device, cfg.bf16):
         one = tap(z_all[:1].to(device).float())
     gb = one.numel() * 2 * z_all.shape[0] / 2**30
     if gb > cfg.cache_tap_gb:
@@ -214,10 +205,10 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
         senc, sdec, roles, tenc, shas, sentry, tentry = frozen_parts(cfg.source, cfg.target, device)
         pairs = build_pairs(cfg, senc, tenc, shas, device, progress)
         del senc
-        bcfg = B.BridgeConfig(tap=cfg.tap, tap_channels=tap_channels(sdec, roles, cfg.tap, sentry.space.channels),
+        tap = B.Tap(sdec, roles, cfg.tap).eval()
+        bcfg = B.BridgeConfig(tap=cfg.tap, tap_channels=tap.out_channels(sentry.space.channels),
                               target_channels=tentry.space.channels, blocks=cfg.blocks,
                               adapter_blocks=cfg.adapter_blocks)
-        tap = B.Tap(sdec, roles, cfg.tap).eval()
         model = B.Bridge(bcfg).to(device)
         if cfg.warm_start:
             n = B.warm_start(model, {k: v.float() for k, v in tenc.state_dict().items()})
