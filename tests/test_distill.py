@@ -340,3 +340,28 @@ def test_decoder_run_warm_starts_depth_pruned_from_the_teacher_config(tmp_path, 
         torch.testing.assert_close(v, ref[k])
     with pytest.raises(UsageError, match="teacher_config"):  # depth pruning needs the teacher's stated architecture
         _decoder_run(tenc, tdec, data, tmp_path / "r2", **kw)
+
+
+def test_distill_with_distribution_matching_resumes(tmp_path):
+    """--dm-weight (paper 003): the real flow on the reference is trained once and cached in the run
+    folder, the fake flow rides in the checkpoint, and another DM setting is refused on resume."""
+    data = _images(tmp_path / "data", size=(128, 128))
+    kw = dict(schedule=[(128, 6)], dm_weight=1.0, dm_reference="gaussian", dm_real_steps=5)
+    first = _run(data, tmp_path / "run", max_minutes=0, **kw)
+    c = torch.load(first, weights_only=False)
+    assert c["meta"]["dm"] == {"weight": 1.0, "reference": "gaussian", "real_steps": 5} and "dm_fake" in c
+    assert len(list((tmp_path / "run").glob("dm-real-*.safetensors"))) == 1
+    out = _run(data, tmp_path / "run", **kw)
+    assert out.suffix == ".safetensors"
+    with pytest.raises(VaepackError, match="different model config"):
+        _run(data, tmp_path / "run", **{**kw, "dm_weight": 2.0})
+    with pytest.raises(UsageError, match="unknown DM reference"):
+        _run(data, tmp_path / "run2", **{**kw, "dm_reference": "nonsense"})
+
+
+def test_cli_dm_weight_is_for_encoders(tmp_path, run_cli, clean_error):
+    data = _images(tmp_path / "data")
+    code, _, err = run_cli("distill", "--part", "decoder", "--dm-weight", "1", "--data", data, "--out", tmp_path / "r")
+    assert code != 0
+    clean_error(err, "--dm-weight", "encoder")
+    assert not (tmp_path / "r").exists()

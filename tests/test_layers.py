@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("vaepack.quantize",),
     ("vaepack.export",),
     ("vaepack.runtime", "vaepack.convert"),
-    ("vaepack.train", "vaepack.analysis", "vaepack.bench", "vaepack.data", "vaepack.plots", "vaepack.tune"),
+    ("vaepack.train", "vaepack.analysis", "vaepack.bench", "vaepack.data", "vaepack.plots", "vaepack.tune",
+     "vaepack.modelability"),
     ("vaepack.cli",),
 ]
 

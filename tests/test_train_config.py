@@ -7,8 +7,8 @@ import torch
 
 from vaepack.errors import ImageError, UsageError
 from vaepack.metrics import ms_ssim, ms_ssim_loss
-from vaepack.train.common import Stop, ema_decay_at, ema_update, training_images
-from vaepack.train.config import (DistillConfig, DistillDecoderConfig, EpsTrainConfig, check_resume, distill_config,
+from vaepack.train.common import Stop, check_resume, ema_decay_at, ema_update, training_images
+from vaepack.train.config import (DistillConfig, DistillDecoderConfig, EpsTrainConfig, distill_config,
                                   parse_model_config, parse_schedule)
 
 

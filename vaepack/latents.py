@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from vaepack import __version__
-from vaepack.errors import LatentFileError
+from vaepack.errors import LatentFileError, UsageError
 from vaepack.manifest import Space
 
 FLUX2_BN_EPS = 1e-4
@@ -87,6 +87,8 @@ def diffusion_to_mean(z: torch.Tensor, space: Space, bn_stats=None) -> torch.Ten
 def convention(space: Space) -> dict[str, str]:
     """What a reader needs to interpret a latent of this space (recorded in files and exports)."""
     d = {k: str(v) for k, v in asdict(space).items()}
+    if not space.base:  # plain spaces keep the convention files written before structured spaces existed
+        d.pop("base"), d.pop("base_channels")
     d["form"] = "unpacked"
     return d
 
@@ -113,6 +115,10 @@ class LatentRecord:
     # Where a converted latent came from (vaepack/convert.py: source file/model/sha256, the path taken);
     # metadata key ``conversion``, absent in encoded files and files written before it.
     provenance: dict[str, str] = field(default_factory=dict)
+    # Structured (DA-VAE) latents: the base channels' space, channel count, 2x downsample filter, the
+    # half-size image's size inside the padded base image, and the preview size (vaepack.pipeline.
+    # base_info); metadata key ``base``, absent for plain latents.
+    base: dict = field(default_factory=dict)
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -124,6 +130,7 @@ class LatentRecord:
             "dtype": self.dtype, "source": self.source, "packed": json.dumps(self.packed),
             **({"backend": self.backend} if self.backend else {}),
             **({"conversion": json.dumps(self.provenance, sort_keys=True)} if self.provenance else {}),
+            **({"base": json.dumps(self.base, sort_keys=True)} if self.base else {}),
         }
 
 
@@ -131,8 +138,16 @@ class LatentRecord:
 # ComfyUI keeps what its VAE node outputs and applies the latent format in the model
 # (``process_in``): for SD1/SDXL/SD3/FLUX.1 that is the raw VAE mean m (its process_in computes
 # scale * (m - shift)); for FLUX.2 it is the normalized, 2x2-packed (128, H/16, W/16) tensor.
+def check_comfyui(space: Space) -> None:
+    """Structured (DA-VAE) latents have no ComfyUI consumer: no model there reads base + detail channels."""
+    if space.base:
+        raise UsageError(f"--format comfyui: no ComfyUI model reads '{space.name}' latents (base + detail channels)",
+                         hint="write the vaepack format, or `--base-only` for the plain base-space latent")
+
+
 def to_comfyui(z: torch.Tensor, space: Space, packed: bool = False) -> tuple[torch.Tensor, str]:
     """Diffusion-space latent -> (tensor as ComfyUI stores it, form name)."""
+    check_comfyui(space)
     if space.norm == "flux2_bn":
         return (z if packed else flux2_pack(z)), "flux2_packed"
     if space.norm != "none":
@@ -152,7 +167,8 @@ def from_comfyui(t: torch.Tensor, space: Space, form: str) -> tuple[torch.Tensor
 def _space_of(conv: dict) -> Space:
     return Space(name=str(conv.get("name", "")), channels=int(conv.get("channels", 0)),
                  factor=int(conv.get("factor", 1)), scale=float(conv.get("scale", 1.0)),
-                 shift=float(conv.get("shift", 0.0)), norm=str(conv.get("norm", "none")))
+                 shift=float(conv.get("shift", 0.0)), norm=str(conv.get("norm", "none")),
+                 base=str(conv.get("base", "")), base_channels=int(conv.get("base_channels", 0)))
 
 
 def pad_multiple(space: Space, fmt: str = "vaepack") -> int | None:
@@ -200,6 +216,16 @@ def _str_dict(s: str) -> dict[str, str]:
     if not isinstance(v, dict):
         raise ValueError
     return {str(k): str(x) for k, x in v.items()}
+
+
+def _base_dict(s: str) -> dict:
+    v = json.loads(s)
+    sizes = [v.get("image_size"), v.get("preview_size")] if isinstance(v, dict) else []
+    if not (sizes and isinstance(v.get("space"), str) and isinstance(v.get("channels"), int) and v["channels"] > 0
+            and all(isinstance(p, list) and len(p) == 2 and all(isinstance(i, int) and i > 0 for i in p)
+                    for p in sizes)):
+        raise ValueError
+    return v
 
 
 def load_latent(path: Path, default_model: str | None = None) -> LatentRecord:
@@ -260,6 +286,7 @@ def load_latent(path: Path, default_model: str | None = None) -> LatentRecord:
         source=meta.get("source", ""), packed=meta.get("packed", "false") == "true",
         backend=meta.get("backend", ""),
         provenance=_meta(meta, "conversion", path, _str_dict) if "conversion" in meta else {},
+        base=_meta(meta, "base", path, _base_dict) if "base" in meta else {},
     )
     if len(rec.orig_size) != 2 or len(rec.scaled_size) != 2 or len(rec.padding) != 4:
         raise LatentFileError("latent metadata sizes are malformed", path=str(path))

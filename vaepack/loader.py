@@ -26,6 +26,7 @@ FAMILIES = {
     "kl": "vaepack.models.autoencoder_kl",
     "student": "vaepack.models.student",
     "eps": "vaepack.models.eps_unet",
+    "da": "vaepack.models.da",
 }
 
 

@@ -29,6 +29,10 @@ class Space:
     scale: float = 1.0
     shift: float = 0.0
     norm: str = "none"  # "none" or "flux2_bn"
+    # A structured latent (DA-VAE, paper 002): the first ``base_channels`` channels are exactly a latent
+    # of the ``base`` space (its own convention) of the image downsampled 2x; the rest are detail.
+    base: str = ""
+    base_channels: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class ModelEntry:
     # `--backend auto` then keeps fp32 for this model (benchmarks/results/precision_policy.md).
     bf16_safe: bool = True
     aliases: tuple[str, ...] = ()
+    # Structured spaces: the model of the base space whose decoder reads the base channels (DA-VAE:
+    # taef2); `--base-only` latents name it, so `vaepack decode` picks that decoder.
+    base_model: str = ""
 
     @property
     def embedded(self) -> bool:
@@ -155,7 +162,17 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     for name, s in (_req(data, "spaces", where) or {}).items():
         spaces[name] = Space(name=name, channels=int(s["channels"]), factor=int(s["factor"]),
                              scale=float(s.get("scale", 1.0)), shift=float(s.get("shift", 0.0)),
-                             norm=str(s.get("norm", "none")))
+                             norm=str(s.get("norm", "none")), base=str(s.get("base") or ""),
+                             base_channels=int(s.get("base_channels", 0)))
+    for name, sp in spaces.items():
+        if not sp.base:
+            continue
+        b = spaces.get(sp.base)
+        if b is None or b.base:
+            raise ManifestError(f"{where}: spaces.{name}: base '{sp.base}' is not a plain latent space here")
+        if sp.base_channels != b.channels or sp.channels <= b.channels or sp.factor != 2 * b.factor:
+            raise ManifestError(f"{where}: spaces.{name}: a structured space needs base_channels = {b.channels} "
+                                f"(the base's), more channels than that, and factor {2 * b.factor}")
     aliases = {str(k): str(v) for k, v in (data.get("aliases") or {}).items()}
     models: dict[str, ModelEntry] = {}
     for mid, m in (_req(data, "models", where) or {}).items():
@@ -182,10 +199,17 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
             id=mid, description=str(m.get("description", "")), license=str(m.get("license", "unknown")),
             space=spaces[sname], parts=parts, fp16_safe=bool(m.get("fp16_safe", True)),
             bf16_safe=bool(m.get("bf16_safe", True)), aliases=tuple(a for a, t in aliases.items() if t == mid),
+            base_model=str(m.get("base_model") or ""),
         )
     for a, t in aliases.items():
         if t not in models:
             raise ManifestError(f"{where}: alias '{a}' points to unknown model '{t}'")
+    for mid, m in models.items():
+        if bool(m.base_model) != bool(m.space.base):
+            raise ManifestError(f"{where}: models.{mid}: base_model is stated exactly for models of a structured space")
+        if m.base_model and (m.base_model not in models or models[m.base_model].space.name != m.space.base):
+            raise ManifestError(f"{where}: models.{mid}: base_model '{m.base_model}' is not a model of the "
+                                f"'{m.space.base}' space")
     bridges = _parse_bridges(data.get("bridges") or {}, where, models, aliases)
     return Manifest(path=path, models=models, aliases=aliases, spaces=spaces, bridges=bridges)
 

@@ -119,7 +119,72 @@ def _record(vae: VAE, z: torch.Tensor, model_id: str | None, scale: float, filte
     return L.LatentRecord(latent=z.cpu(), model=model_id or vae.entry.id, space=vae.space.name,
                           weights_sha256=vae.parts["encoder"].sha256, scale=scale, filter=filter,
                           orig_size=orig, scaled_size=ssize, padding=pad, convention=L.convention(vae.space),
-                          dtype=ran["dtype"], source=source, backend=ran["backend"])
+                          dtype=ran["dtype"], source=source, backend=ran["backend"],
+                          base=base_info(vae, orig, ssize) if vae.space.base else {})
+
+
+# --------------------------------------------------------------------------- structured (DA-VAE) latents
+# A DA latent's first ``base_channels`` channels are a latent of the base space of the padded image
+# downsampled 2x (vaepack/models/da.py). The file records that half-size image (``base``), so a
+# base-space decoder can show it as a preview, and ``--base-only`` writes the base latent alone.
+def base_info(vae: VAE, orig, ssize) -> dict:
+    """What a DA latent file records about its base channels: space, channels, the 2x downsample
+    filter, the half-size image inside the padded base image and the preview size."""
+    cfg = getattr(vae.parts["encoder"].module, "cfg", None)
+    return {"space": vae.space.base, "channels": vae.space.base_channels,
+            "filter": getattr(cfg, "down_filter", "bicubic"),
+            "image_size": [-(-ssize[0] // 2), -(-ssize[1] // 2)], "preview_size": [max(1, round(orig[0] / 2)),
+                                                                               max(1, round(orig[1] / 2))]}
+
+
+def base_vae(vae: VAE) -> tuple[VAE, str]:
+    """The frozen base encoder inside a DA model's encoder as a VAE of the base space, and the filter
+    of its 2x downsample: ``encode_tensor(base, x, scale / 2, filter)`` is exactly ``vaepack encode
+    --model <the base model> --scale 0.5 --filter F`` (the pipeline's own resize does the downsample)."""
+    import dataclasses
+
+    from vaepack.manifest import PartSpec, load_manifest
+    from vaepack.vae import Part
+
+    if not vae.space.base:
+        raise UsageError(f"--base-only applies to structured (DA-VAE) models; '{vae.entry.id}' writes plain "
+                         f"'{vae.space.name}' latents")
+    p = vae.parts["encoder"]
+    module = p.module
+    space = load_manifest().spaces[vae.space.base]
+    spec = PartSpec(part="encoder", family="tae", config={}, files=())
+    # Named after the base model, so `vaepack decode` of the file picks the base space's decoder.
+    entry = dataclasses.replace(vae.entry, id=vae.entry.base_model, space=space, parts={"encoder": spec},
+                                base_model="", aliases=())
+    from vaepack.models.tae import tile_split
+
+    part = Part(module=module.base, image_range=p.image_range, native_is_diffusion=True, sha256=p.sha256,
+                split=tile_split("encoder", module.base))
+    return VAE(entry=entry, parts={"encoder": part}, device=vae.device, dtype=vae.dtype), module.cfg.down_filter
+
+
+def base_record(rec: L.LatentRecord, space) -> L.LatentRecord:
+    """A DA latent's base channels as a record of the base ``space``: decoding it gives the half-size
+    preview image (``base['preview_size']``)."""
+    b = rec.base
+    if not b or b.get("space") != space.name:
+        raise LatentFileError(f"latent has no '{space.name}' base channels", hint="decode it with its own model")
+    c = int(b["channels"])
+    z = rec.latent[:, :c]
+    ih, iw = (int(v) for v in b["image_size"])
+    hp, wp = z.shape[-2] * space.factor, z.shape[-1] * space.factor
+    if ih > hp or iw > wp:
+        raise LatentFileError("latent metadata 'base' does not fit the latent", hint="decode with --native")
+    ph, pw = (int(v) for v in b["preview_size"])
+    return L.LatentRecord(latent=z, model=rec.model, space=space.name, weights_sha256=rec.weights_sha256,
+                          scale=1.0, filter=b.get("filter", "bicubic"), orig_size=(ph, pw), scaled_size=(ih, iw),
+                          padding=(0, wp - iw, 0, hp - ih), convention=L.convention(space), dtype=rec.dtype,
+                          source=rec.source, backend=rec.backend)
+
+
+def is_base_preview(rec: L.LatentRecord, vae: VAE) -> bool:
+    """``rec`` is a DA latent and ``vae`` decodes its base space: decoding gives the half-size preview."""
+    return bool(rec.base) and rec.space != vae.space.name and rec.base.get("space") == vae.space.name
 
 
 def encode_tensor(vae: VAE, x: torch.Tensor, scale: float = 1.0, filter: str = "bilinear",
@@ -191,6 +256,8 @@ def decode_runtime(vae: VAE, rec: L.LatentRecord, tiles: TileOptions | None = No
 def _decode(vae: VAE, rec: L.LatentRecord, native: bool, tiles: TileOptions | None, force: bool,
             path: str | None, make: Callable[[int, int], RowSink]):
     """Decode into ``make(height, width)``: one write when untiled, row strips as they finish when tiled."""
+    if is_base_preview(rec, vae):  # the caller says so (decode: a note)
+        rec = base_record(rec, vae.space)
     check_compatible(rec, vae, force, path)
     z = _latent(rec)
     f = vae.factor

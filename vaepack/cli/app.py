@@ -14,7 +14,7 @@ from typing import Iterable
 
 import typer
 
-from vaepack.cli import analysis, bench, convert, dataset, export, run, train, tune
+from vaepack.cli import analysis, bench, convert, dataset, export, modelability, run, train, tune
 from vaepack.cli.weights import weights_app
 from vaepack.errors import VaepackError
 
@@ -23,9 +23,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 for name, fn in (("encode", run.encode), ("decode", run.decode), ("roundtrip", run.roundtrip),
                  ("convert", convert.convert),
                  ("distill", train.distill), ("distill-export", train.distill_export), ("train-eps", train.train_eps),
-                 ("train-bridge", train.train_bridge),
+                 ("train-bridge", train.train_bridge), ("train-da", train.train_da),
                  ("sweep", analysis.sweep), ("latent-stats", analysis.latent_stats), ("export", export.export),
-                 ("bench", bench.bench), ("tune", tune.tune)):
+                 ("bench", bench.bench), ("tune", tune.tune), ("modelability", modelability.modelability)):
     app.command(name)(fn)
 app.add_typer(weights_app, name="weights")
 app.add_typer(dataset.dataset_app, name="dataset")

@@ -40,13 +40,15 @@ def encode(
     keep_going: bool = KeepOpt,
     tile_budget: Optional[int] = TileBudgetOpt, tile_size: int = TileSizeOpt, tile_overlap: int = TileOverlapOpt,
     max_pixels: Optional[int] = MaxPixOpt, as_json: bool = JsonOpt, preset: Optional[str] = PresetOpt,
+    base_only: bool = typer.Option(False, "--base-only", help="DA-VAE models: write only the base-space latent of "
+                                   "the half-size image (= its base model at --scale 0.5 with the DA filter)."),
 ):
     """Encode images to latent files (records the remap so `decode` restores the original size)."""
     o = _with_preset(ctx, preset, "encode", model=model, scale=scale, backend=backend, dtype=dtype)
     model, scale, backend, dtype = o["model"], o["scale"], o["backend"], o["dtype"]
     from vaepack import latents as L
     from vaepack.io import check_output, expand_inputs, group_by_size, output_paths
-    from vaepack.pipeline import FILTERS, encode_batch, encode_tiles
+    from vaepack.pipeline import FILTERS, base_vae, encode_batch, encode_tiles
     from vaepack.runtime import load_vae
 
     if fmt not in ("vaepack", "comfyui"):
@@ -59,7 +61,16 @@ def encode(
     paths = expand_inputs(inputs)
     suffix = ".latent" if fmt == "comfyui" else ".latent.safetensors"
     outs = output_paths(paths, output, suffix)
+    if fmt == "comfyui" and not base_only:  # before loading anything
+        from vaepack.manifest import get_model
+
+        L.check_comfyui(get_model(model).space)
     vae = load_vae(model, parts=("encoder",), device=device, dtype=dtype, backend=backend)
+    if base_only:  # the base encoder inside the DA encoder, at half the scale, with the DA's own filter
+        vae, filter = base_vae(vae)
+        scale, model = scale / 2, vae.entry.id
+    if fmt == "comfyui":
+        L.check_comfyui(vae.space)
     pad_multiple = L.pad_multiple(vae.space, fmt)
 
     def one_group(group):
@@ -123,7 +134,7 @@ def decode(
     decoder, steps, backend, dtype = o["decoder"], o["steps"], o["backend"], o["dtype"]
     from vaepack.io import check_output, expand_inputs, output_paths, save_image
     from vaepack.latents import load_latent
-    from vaepack.pipeline import decode_image, decode_runtime
+    from vaepack.pipeline import decode_image, decode_runtime, is_base_preview
 
     tiles = tile_options(tile_budget, tile_size, tile_overlap)
     paths = [Path(p) for p in latents] if not any(any(c in p for c in "*?[") for p in latents) else \
@@ -141,9 +152,14 @@ def decode(
         im = decode_image(cache[key], rec, native=native, tiles=tiles, force=mismatch_ok, path=str(p))
         save_image(outs[p], im, force=force)
         rt = decode_runtime(cache[key], rec, tiles)
+        preview = is_base_preview(rec, cache[key])
         if not as_json:
             note(f"{p} -> {outs[p]}  {im.size[0]}x{im.size[1]}  ({ran(rt)})")
-        return {"input": str(p), "output": str(outs[p]), "size": list(im.size), **rt}
+            if preview:
+                note(f"{p}: a '{rec.space}' latent decoded by the '{cache[key].space.name}' decoder: its base channels "
+                     f"only, a half-size preview (decode with '{rec.model}' for the full image)")
+        return {"input": str(p), "output": str(outs[p]), "size": list(im.size), **rt,
+                **({"preview": "base channels, half size"} if preview else {})}
 
     rep = run_each(paths, one, keep_going, "decode")
     finish(rep, as_json)
@@ -183,6 +199,13 @@ def roundtrip(
     paths = expand_inputs(inputs)
     cmp_outs = output_paths(paths, compare, ".compare.png") if compare else {}
     rec_outs = output_paths(paths, save, ".recon.png") if save else {}
+    from vaepack.manifest import get_model
+
+    e_entry, d_entry = get_model(model), get_model(decoder or model)
+    if e_entry.space.base and d_entry.space.name != e_entry.space.name:  # before loading anything
+        raise UsageError(f"'{d_entry.id}' decodes only the base channels of '{e_entry.id}' latents (a half-size "
+                         "preview), which cannot be compared with the input",
+                         hint=f"use `vaepack encode --model {model}` + `vaepack decode --decoder {d_entry.id}` for a preview")
     enc = load_vae(model, parts=("encoder",), device=device, dtype=dtype, backend=backend)
     dec = _decoder_vae(None, decoder or model, model, device, dtype, steps, seed, backend)
     load = image_loader(max_pixels)

@@ -60,12 +60,18 @@ def distill(
     init: Optional[Path] = typer.Option(None, "--init", help="Warm start from a .safetensors of the same "
                                         "architecture; a shipped BatchNorm-folded student gets its BatchNorms back from data statistics)."),
     views_per_image: int = typer.Option(1, "--views-per-image", min=1, help="Teacher-cached random windows per image."),
+    dm_weight: float = typer.Option(0.0, "--dm-weight", help="Encoder: weight of the distribution-matching loss "
+                                    "(paper 003's DMD toward --dm-reference); 0 = off."),
+    dm_reference: str = typer.Option("model:taef2", "--dm-reference", help="gaussian, model:ID[@SCALE] (its latents "
+                                     "of --data) or a folder of latent files."),
+    dm_real_steps: int = typer.Option(2000, "--dm-real-steps", help="Training steps of the frozen real flow."),
 ):
     """Distill a compact encoder (Chu et al. 2026: Huber beta 0.15, Adam 7.5e-4, 128 then 256 px) or decoder."""
     from dataclasses import replace
 
     from vaepack.files import command_line
-    from vaepack.train.config import check_resume, distill_config, parse_model_config, parse_schedule
+    from vaepack.train.common import check_resume
+    from vaepack.train.config import distill_config, parse_model_config, parse_schedule
     from vaepack.train.distill import run_distill, run_distill_decoder
     from vaepack.train.teachers import load_teacher
 
@@ -75,7 +81,11 @@ def distill(
                          schedule=parse_schedule(schedule), batch=batch, lr=lr, max_minutes=max_minutes,
                          ckpt_every=ckpt_every, seed=seed, device=device, bf16=bf16, threads=threads,
                          command=command_line(), budget_minutes=budget_minutes, cache=cache, init=init,
-                         views_per_image=views_per_image)
+                         views_per_image=views_per_image,
+                         **({"dm_weight": dm_weight, "dm_reference": dm_reference, "dm_real_steps": dm_real_steps}
+                            if part == "encoder" else {}))
+    if dm_weight and part != "encoder":
+        raise UsageError("--dm-weight shapes an encoder's latent distribution; use it with --part encoder")
     check_resume(out, resume)
     t = load_teacher(teacher, part, device=device, seed=seed, warm_start=cfg.init_from_teacher)
     cfg = replace(cfg, teacher_id=t.id, teacher_config=t.config)  # the manifest states the teacher's config
@@ -149,7 +159,8 @@ def train_eps(
 ):
     """Train the eps-VAE diffusion decoder (Zhao et al.): rectified flow, gamma-scaled x_t, few-step Euler."""
     from vaepack.files import command_line
-    from vaepack.train.config import EpsTrainConfig, check_resume
+    from vaepack.train.common import check_resume
+    from vaepack.train.config import EpsTrainConfig
     from vaepack.train.eps import run_train_eps
 
     check_resume(out, resume)
@@ -219,3 +230,61 @@ def train_bridge(
         emit_json(res)
     else:
         note(f"step {res['step']}/{res['steps']} -> {res['exported']}")
+
+
+def train_da(
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of training images (never the evaluation set)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, log, encoder/decoder.safetensors."),
+    detail_channels: int = typer.Option(32, "--detail-channels", help="D: detail channels, a multiple of 32."),
+    align: str = typer.Option("proj", "--align", help="Detail alignment: proj (paper 002 Eq. 3-4), dm (paper 003's "
+                              "distribution matching to the base channels' distribution) or none."),
+    dm_real_steps: int = typer.Option(2000, "--dm-real-steps", help="--align dm: training steps of the frozen real flow."),
+    align_weight: float = typer.Option(0.5, "--align-weight", help="lambda_align (paper: 0.5 ImageNet, 1.0 SD3.5)."),
+    detail_trunk: str = typer.Option("s2d", "--detail-trunk", help="Detail encoder trunk: s2d (the default encoder's, "
+                                     "warm-started from it) or taef2 (TAEF2's, ~3x the cost)."),
+    down_filter: str = typer.Option("bicubic", "--down-filter", help="The base branch's 2x downsample (antialiased)."),
+    steps: int = typer.Option(3000, "--steps"),
+    batch: int = typer.Option(8, "--batch"),
+    crop: int = typer.Option(256, "--crop", help="Training crop in px (a multiple of 16)."),
+    lr: float = typer.Option(2e-4, "--lr", help="Learning rate of the warm-started layers."),
+    new_lr_mult: float = typer.Option(5.0, "--new-lr-mult", help="The new layers' learning rate, as a multiple of --lr."),
+    ema: float = typer.Option(0.999, "--ema", help="EMA decay of the exported weights."),
+    w_l1: float = typer.Option(1.0, "--w-l1", help="Pixel L1 weight."),
+    w_msssim: float = typer.Option(0.2, "--w-msssim", help="(1 - MS-SSIM) weight."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    export_only: bool = typer.Option(False, "--export-only", help="Export the run's current checkpoint (EMA) and stop."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop (checkpoint + export) after this long."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    device: str = DeviceOpt,
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast of the forward passes (weights and loss fp32)."),
+    as_json: bool = JsonOpt,
+):
+    """Train a DA-VAE (paper 002): TAEF2's latent of the half-size image + D detail channels, one decoder."""
+    from vaepack.files import command_line
+
+    if export_only:
+        from vaepack.train.da import export_da
+
+        if not (out / "checkpoint.pt").is_file():
+            raise UsageError(f"{out} holds no DA-VAE checkpoint", hint="train first: vaepack train-da --data DIR --out RUN")
+        res = {"exported": [str(p) for p in export_da(out)]}
+    else:
+        from vaepack.train.config import DATrainConfig
+        from vaepack.train.da import run_train_da
+
+        if data is None:
+            raise UsageError("--data is required to train", hint="or pass --export-only")
+        cfg = DATrainConfig(data, out, detail_channels=detail_channels, align=align, align_weight=align_weight,
+                            dm_real_steps=dm_real_steps,
+                            detail_trunk=detail_trunk, down_filter=down_filter, steps=steps, batch=batch, crop=crop,
+                            lr=lr, new_lr_mult=new_lr_mult, ema=ema, w_l1=w_l1, w_msssim=w_msssim, resume=resume, max_minutes=budget_minutes,
+                            seed=seed, threads=threads, device=device, bf16=bf16, command=command_line())
+        prog, cb = _train_progress("train-da")
+        with prog:
+            res = run_train_da(cfg, progress=cb)
+    if as_json:
+        emit_json(res)
+    else:
+        note(f"step {res['step']}/{res['steps']} -> {', '.join(res['exported'])}" if "step" in res
+             else f"exported {', '.join(res['exported'])}")

@@ -87,6 +87,10 @@ def check_args(entry: ModelEntry, part: str, precision: str, opset: int, exporte
     if part == "decoder" and spec.family == "eps":
         raise UsageError(f"the decoder of '{entry.id}' is a diffusion sampler (a loop over noise), not one graph",
                          hint="export its denoiser step with --part eps-step")
+    why = family_attr(spec, "NO_ONNX", {}).get(spec.part)
+    if why:  # refused before tracing: the exporter would fail after dumping the whole graph
+        raise ExportError(f"the {spec.part} of '{entry.id}' has no ONNX export yet: {why}",
+                          hint="run it with --backend torch")
     if precision == "fp16":
         check_fp16(entry.id, entry.fp16_safe, hint="export with --precision bf16 or fp32, or use fp16-fix weights")
     if precision == "int8" and part == "eps-step":

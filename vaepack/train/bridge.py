@@ -19,7 +19,6 @@ weights are the EMA.
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from pathlib import Path
@@ -32,8 +31,8 @@ from torch import nn
 from vaepack.errors import UsageError
 from vaepack.models import bridge as B
 from vaepack.models import tae
-from vaepack.train.common import (Stop, atomic_torch_save, autocast, ema_decay_at, ema_update, export_safetensors, file_log,
-                                  load_images, log, provenance)
+from vaepack.train.common import (StepLog, Stop, atomic_torch_save, autocast, ema_decay_at, ema_update, export_safetensors,
+                                  load_images, log, provenance, training_session, warmup_cosine_lr)
 from vaepack.train.config import BridgeTrainConfig
 
 Progress = Callable[[dict], None]  # {"phase": "pairs" | "train", "step", "total", "loss", "steps_per_s"}
@@ -171,13 +170,6 @@ def tap_features(tap: nn.Module, z_all: torch.Tensor, device: torch.device, cfg:
 
 
 # ----------------------------------------------------------------------------- the run
-def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
-    """Linear warm-up, then cosine decay to 10% of ``base``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    f = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * f)))
-
 
 def bridge_meta(cfg: BridgeTrainConfig, bcfg: B.BridgeConfig) -> dict:
     return {"source": cfg.source, "target": cfg.target, "tap": bcfg.tap, "tap_channels": bcfg.tap_channels,
@@ -188,20 +180,8 @@ def bridge_meta(cfg: BridgeTrainConfig, bcfg: B.BridgeConfig) -> dict:
 def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -> dict:
     """Train (or continue, ``cfg.resume``) a bridge in ``cfg.out_dir``; exports ``bridge.safetensors``
     (EMA, fp16) with its config and provenance. Returns a summary dict."""
-    from vaepack.vae import pick_device
-
     cfg.validate()
-    run_dir = cfg.out_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = run_dir / "checkpoint.pt"
-    if ckpt.exists() and not cfg.resume:
-        raise UsageError(f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out")
-    with file_log(run_dir):
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        device = pick_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        rng = random.Random(cfg.seed + 1)
+    with training_session(cfg.out_dir, cfg.resume, cfg.threads, cfg.device, cfg.seed) as (run_dir, ckpt, device, rng):
         senc, sdec, roles, tenc, shas, sentry, tentry = frozen_parts(cfg.source, cfg.target, device)
         pairs = build_pairs(cfg, senc, tenc, shas, device, progress)
         del senc
@@ -218,7 +198,7 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         meta = bridge_meta(cfg, bcfg)
-        step, losses = 0, []
+        step = 0
         if ckpt.exists():
             c = torch.load(ckpt, weights_only=False, map_location=device)
             if c["meta"] != meta:
@@ -241,7 +221,7 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
         f_all = tap_features(tap, z_all, device, cfg, pairs["key"], shas["source_decoder"]) \
             if cfg.cache_tap_gb > 0 else None
         n_pairs = z_all.shape[0]
-        t_start, last_save, start_step = time.time(), time.time(), step
+        slog = StepLog(cfg.steps, cfg.log_every, step, cfg.save_every_minutes, progress)
         with Stop(cfg.max_minutes) as stop:
             while step < cfg.steps and not stop.interrupted and not stop.timed_out():
                 idx = torch.tensor([rng.randrange(n_pairs) for _ in range(cfg.batch)])
@@ -250,7 +230,7 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
                     feats = f_all[idx].to(device).float() if f_all is not None else tap(z)
                     ft = prefix(x_all[idx].to(device).float() / 255).float() if prefix is not None else None
                 for g in opt.param_groups:
-                    g["lr"] = _lr(step, cfg.steps, cfg.lr)
+                    g["lr"] = warmup_cosine_lr(step, cfg.steps, cfg.lr)
                 with autocast(device, cfg.bf16):
                     a = model.adapt(feats)
                     pred = model.layers[1:](a) if bcfg.tap != "rgb" else model(a)
@@ -260,25 +240,15 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
                 opt.step()
                 ema_update(ema, model, ema_decay_at(step, cfg.ema))
                 step += 1
-                losses.append({k: float(v.detach()) for k, v in terms.items()})
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    avg = {k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}
-                    sps = (step - start_step) / (time.time() - t_start)
-                    log.info("step %d/%d %s  %.2f steps/s", step, cfg.steps,
-                             " ".join(f"{k} {v:.5f}" for k, v in avg.items()), sps)
-                    if progress:
-                        progress({"phase": "train", "step": step, "total": cfg.steps, "loss": avg["loss"],
-                                  "steps_per_s": sps})
-                    losses = []
-                if time.time() - last_save > cfg.save_every_minutes * 60:
+                slog.add(step, terms)
+                if slog.due_save():
                     save()
-                    last_save = time.time()
         save()
         out = export_bridge(run_dir, cfg.command)
         done = step >= cfg.steps
         log.info("stopped at step %d (%s); exported %s", step, "done" if done else "interrupted/budget", out)
         return {"step": step, "steps": cfg.steps, "done": done, "exported": str(out), "pairs": n_pairs,
-                "minutes": round((time.time() - t_start) / 60, 2), **meta}
+                "minutes": slog.minutes, **meta}
 
 
 def export_bridge(run_dir: str | Path, command: str | None = None, out: str | Path | None = None) -> Path:

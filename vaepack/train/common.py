@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import random
 import signal
 import threading
 import time
@@ -18,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from vaepack.errors import ImageError
+from vaepack.errors import ImageError, UsageError
 from vaepack.files import command_line
 from vaepack.io import atomic_output, list_images, load_image
 
@@ -122,6 +124,49 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         be.copy_(bm)
 
 
+# ----------------------------------------------------------------------------- schedule and run log
+def warmup_cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``base`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    f = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * f)))
+
+
+class StepLog:
+    """The loss terms of the steps since the last log line, averaged into one line of the run log
+    (and one ``progress`` call) every ``every`` steps and at ``total``; ``due_save()`` is true once
+    ``save_minutes`` have passed since the last save."""
+
+    def __init__(self, total: int, every: int, start_step: int, save_minutes: float,
+                 progress: Callable[[dict], None] | None = None):
+        self.total, self.every, self.start_step, self.save_minutes = total, every, start_step, save_minutes
+        self.progress = progress
+        self.rows: list[dict[str, float]] = []
+        self.t_start = self.last_save = time.time()
+
+    def add(self, step: int, terms: dict) -> None:
+        self.rows.append({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
+        if step % self.every and step != self.total:
+            return
+        avg = {k: sum(r[k] for r in self.rows) / len(self.rows) for k in self.rows[0]}
+        sps = (step - self.start_step) / max(1e-9, time.time() - self.t_start)
+        log.info("step %d/%d %s  %.3f steps/s", step, self.total, " ".join(f"{k} {v:.5f}" for k, v in avg.items()), sps)
+        if self.progress:
+            self.progress({"phase": "train", "step": step, "total": self.total, "loss": avg["loss"], "steps_per_s": sps})
+        self.rows = []
+
+    def due_save(self) -> bool:
+        if time.time() - self.last_save <= self.save_minutes * 60:
+            return False
+        self.last_save = time.time()
+        return True
+
+    @property
+    def minutes(self) -> float:
+        return round((time.time() - self.t_start) / 60, 2)
+
+
 # ----------------------------------------------------------------------------- stopping
 class Stop:
     """Stop a training loop cleanly: Ctrl-C (SIGINT) sets ``interrupted`` and the loop checkpoints
@@ -160,6 +205,31 @@ class Stop:
 
 
 # ----------------------------------------------------------------------------- the run log
+def check_resume(out_dir: str | os.PathLike, resume: bool) -> None:
+    """A run folder that already holds a checkpoint is continued only when asked to (``--resume``)."""
+    if (Path(out_dir) / "checkpoint.pt").exists() and not resume:
+        raise UsageError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
+
+
+@contextlib.contextmanager
+def training_session(out_dir: str | os.PathLike, resume: bool, threads: int | None, device: str | None,
+                     seed: int) -> Iterator[tuple[Path, Path, torch.device, random.Random]]:
+    """What a resumable trainer does first: the run folder (one holding a checkpoint is continued only
+    with ``resume``), its log, the thread count, the device and the seeds. Yields (run folder,
+    checkpoint path, device, a ``random.Random(seed + 1)`` for crops and batches)."""
+    from vaepack.vae import pick_device
+
+    run_dir = Path(out_dir)
+    check_resume(run_dir, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with file_log(run_dir):
+        if threads:
+            torch.set_num_threads(threads)
+        dev = pick_device(device)
+        torch.manual_seed(seed)
+        yield run_dir, run_dir / "checkpoint.pt", dev, random.Random(seed + 1)
+
+
 @contextlib.contextmanager
 def file_log(run_dir: Path, logger: logging.Logger = log) -> Iterator[logging.Logger]:
     """Send ``logger``'s INFO records to ``run_dir/train.log`` (appended) for the block."""

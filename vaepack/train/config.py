@@ -67,13 +67,6 @@ def parse_model_config(text: str) -> dict:
     return out
 
 
-def check_resume(out_dir: str | Path, resume: bool) -> None:
-    """A run folder that already holds a checkpoint is continued only when asked to (``--resume``)."""
-    if (Path(out_dir) / "checkpoint.pt").exists() and not resume:
-        raise UsageError(f"{out_dir} already holds a training run; pass --resume to continue it or "
-                         "choose another --out")
-
-
 # ---------------------------------------------------------------------------- distillation
 @dataclass
 class DistillOptions:
@@ -142,8 +135,15 @@ class DistillConfig(DistillOptions):
 
     family: str = "student"
     latent_channels: int | None = None  # None: the teacher's, measured on a 16 px input
+    # Distribution matching (paper 003, vaepack.train.dm): + dm_weight * DMD loss toward dm_reference
+    # (gaussian | model:ID[@SCALE] | a folder of latent files); 0 = off.
+    dm_weight: float = 0.0
+    dm_reference: str = "model:taef2"
+    dm_real_steps: int = 2000
 
     def validate(self) -> None:
+        if not (self.dm_weight >= 0 and self.dm_real_steps >= 1):
+            raise UsageError("--dm-weight must be >= 0 and --dm-real-steps >= 1")
         if self.family not in FAMILIES:
             raise UsageError(f"encoder family must be 'student' or 'tae', got {self.family!r}")
         if self.init_from_teacher and (self.family != "tae" or self.init):
@@ -317,4 +317,81 @@ class BridgeTrainConfig:
             raise UsageError("--attn-tau must be > 0")
         if self.blocks is not None and (len(self.blocks) != 4 or min(self.blocks) < 0):
             raise UsageError("--blocks must be 4 counts >= 0")
+        training_images(self.data_dir)
+
+
+# ---------------------------------------------------------------------------- DA-VAE (paper 002)
+# Eq. 3-4 grouped-mean alignment; distribution matching of the detail groups to the base channels'
+# distribution (paper 003's DMD loss, vaepack.train.dm: issue 15 compares the two on equal budgets); none.
+DA_ALIGN = ("proj", "dm", "none")
+
+
+@dataclass
+class DATrainConfig:
+    """A DA-VAE run (vaepack.train.da.run_train_da): the frozen TAEF2 encoder on the half-size image
+    gives z; the detail encoder (TAEF2's trunk + a stride-2 stage) and the decoder (TAEF2's, with
+    zero-initialized detail injections and a full-resolution stage) train on
+
+        w_l1 |x_hat - x| + w_msssim (1 - MS-SSIM) + align_weight ||Proj(z_d) - z||^2 (mean),
+
+    the paper's Eq. 5-6 with MS-SSIM standing in for LPIPS (no LPIPS weights here) and no adversarial
+    or KL term (the base channels are deterministic TAEF2 latents; z_d is deterministic too).
+    lambda_align 0.5 is the paper's ImageNet setting (Sec. 4, Table 4); SD3.5's is 1.0 with L1 weight 2
+    (Table S1)."""
+
+    data_dir: Path
+    out_dir: Path
+    base: str = "taef2"  # the frozen base model (FLUX.2 space)
+    detail_channels: int = 32
+    align: str = "proj"
+    align_weight: float = 0.5
+    dm_real_steps: int = 2000  # align dm: steps of the frozen real flow on the base latents of the photos
+    down_filter: str = "bicubic"
+    detail_trunk: str = "s2d"  # vaepack.models.da.TRUNKS: s2d (from the default encoder) or taef2
+    detail_blocks: int = 1
+    head_blocks: int = 1
+    steps: int = 3000
+    batch: int = 8
+    crop: int = 256  # full-resolution crop (the base sees crop / 2)
+    lr: float = 2e-4  # the warm-started layers (TAEF2's decoder, the detail trunk)
+    # The new layers (detail stage, detail stem, zero-initialized injections, full-resolution head) take
+    # lr * new_lr_mult: zero-initialized weights must grow from nothing, and Adam's step is ~lr per
+    # update (at lr 3e-4 the injections were still ~0.01 after 250 steps, and the decoder ignored z_d).
+    new_lr_mult: float = 5.0
+    ema: float = 0.999
+    w_l1: float = 1.0
+    w_msssim: float = 0.2
+    resume: bool = False
+    max_minutes: float | None = None
+    seed: int = 0
+    threads: int | None = None
+    device: str | None = None
+    bf16: bool = True  # autocast forward passes (bf16 on the CPU); loss and weights fp32
+    log_every: int = 20
+    save_every_minutes: float = 5.0
+    command: str | None = None
+
+    def __post_init__(self):
+        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
+
+    def validate(self) -> None:
+        from vaepack.train.common import training_images
+
+        if self.align not in DA_ALIGN:
+            raise UsageError(f"unknown --align '{self.align}' (choose {', '.join(DA_ALIGN)})")
+        if self.detail_channels < 32 or self.detail_channels % 32:
+            raise UsageError(f"--detail-channels must be a multiple of 32 (TAEF2's channels, Eq. 4), "
+                             f"got {self.detail_channels}")
+        if self.steps < 1 or self.batch < 1:
+            raise UsageError("--steps and --batch must be >= 1")
+        if self.lr <= 0 or self.new_lr_mult <= 0:
+            raise UsageError("--lr and --new-lr-mult must be > 0")
+        if self.crop < 64 or self.crop % 16:
+            raise UsageError(f"--crop must be a multiple of 16 and >= 64, got {self.crop}")
+        if min(self.w_l1, self.w_msssim, self.align_weight) < 0 or self.w_l1 + self.w_msssim == 0:
+            raise UsageError("loss weights must be >= 0 and --w-l1 + --w-msssim > 0")
+        if self.down_filter not in ("bicubic", "bilinear"):
+            raise UsageError(f"--down-filter must be bicubic or bilinear, got {self.down_filter!r}")
+        if self.detail_trunk not in ("s2d", "taef2"):
+            raise UsageError(f"--detail-trunk must be s2d or taef2, got {self.detail_trunk!r}")
         training_images(self.data_dir)

@@ -124,6 +124,7 @@ def _train(
         ema = copy.deepcopy(student).eval()
         for p in ema.parameters():
             p.requires_grad_(False)
+        matcher = _dm_matcher(cfg, teacher, run_dir, device) if kind == "encoder" else None
         state = TrainState()
         ckpt = run_dir / "checkpoint.pt"
         if ckpt.exists():
@@ -134,6 +135,9 @@ def _train(
             student.load_state_dict(c["student"])
             ema.load_state_dict(c["ema"])
             opt.load_state_dict(c["opt"])
+            if matcher is not None:
+                matcher.fake.load_state_dict(c["dm_fake"])
+                matcher.opt.load_state_dict(c["dm_opt"])
             state = TrainState(**c["state"])
             rng.setstate(c["rng"])
             torch.set_rng_state(c["torch_rng"])
@@ -143,7 +147,9 @@ def _train(
             atomic_torch_save({"student": student.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                "state": asdict(state), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
                                "meta": student_meta, "schedule": schedule, "teacher_id": cfg.teacher_id,
-                               "data_dir": str(cfg.data_dir)}, ckpt)
+                               "data_dir": str(cfg.data_dir),
+                               **({"dm_fake": matcher.fake.state_dict(), "dm_opt": matcher.opt.state_dict()}
+                                  if matcher is not None else {})}, ckpt)
 
         log.info("%s distillation: %s, schedule %s, batch %d, lr %g (%s), %d views, device %s, threads %d",
                  kind, json.dumps(student_meta), schedule, cfg.batch, cfg.lr, cfg.lr_kind, len(pool), device,
@@ -169,6 +175,9 @@ def _train(
                     if kind == "encoder":
                         out = student(img).float()
                         loss = _masked_mean(F.smooth_l1_loss(out, lat, beta=HUBER_BETA, reduction="none"), mask)
+                        if matcher is not None:  # paper 003: k fake-flow updates, then the DMD term
+                            matcher.fake_step(out.detach())
+                            loss = loss + cfg.dm_weight * matcher.loss(out)
                     else:
                         if channels_last:
                             lat = lat.contiguous(memory_format=torch.channels_last)
@@ -222,6 +231,22 @@ def _provenance(teacher_id, data_dir, schedule, state, batch, command, family, p
 
 
 # ------------------------------------------------------------------------------ public API
+def _dm_matcher(cfg: DistillOptions, teacher: nn.Module, run_dir: Path, device: torch.device):
+    """The DistributionMatcher of ``--dm-weight W --dm-reference R`` (None when off): the frozen real
+    flow trained on the reference (cached in the run folder), a fake flow updated on the student's
+    latents (paper 003; vaepack.train.dm)."""
+    if not getattr(cfg, "dm_weight", 0.0):
+        return None
+    from vaepack.modelability import FlowTrainConfig
+    from vaepack.train.dm import DMConfig, build_matcher
+
+    with torch.no_grad():
+        channels = int(teacher(torch.zeros(1, 3, 16, 16, device=device)).shape[1])
+    dm = DMConfig(weight=cfg.dm_weight, reference=cfg.dm_reference, real=FlowTrainConfig(steps=cfg.dm_real_steps))
+    return build_matcher(dm, channels=channels, data_dir=cfg.data_dir, device=device, cache=run_dir,
+                         progress=lambda m: log.info("%s", m))
+
+
 def run_distill(teacher: nn.Module, cfg: DistillConfig, progress: Progress | None = None) -> Path:
     """Distill an encoder from ``teacher`` (images [0,1] -> latent at H/8) as ``cfg`` says.
 
@@ -235,7 +260,9 @@ def run_distill(teacher: nn.Module, cfg: DistillConfig, progress: Progress | Non
         raise UsageError("--init-from-teacher warm-starts a 'tae' student from a TAE teacher (and excludes --init)",
                          hint="pass the teacher's TAEConfig as teacher_config")
     model, arch = encoder_student(teacher, cfg)
-    meta = {"family": cfg.family, "part": "encoder", "config": asdict(arch)}
+    meta = {"family": cfg.family, "part": "encoder", "config": asdict(arch),
+            **({"dm": {"weight": cfg.dm_weight, "reference": cfg.dm_reference, "real_steps": cfg.dm_real_steps}}
+               if cfg.dm_weight else {})}
     ema, state, run_dir = _train(kind="encoder", student=model, student_meta=meta, teacher=teacher,
                                  teacher_decoder=None, cfg=cfg, pixel_weight=0.0, progress=progress)
     if not state.finished:

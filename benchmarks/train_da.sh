@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# DA-VAE on TAEF2 (issue 13, paper 002) and its ablations (benchmarks/results/da.md).
+#
+#   usage: benchmarks/train_da.sh shipped|ablations|export|measure
+#
+# `shipped` made vaepack/weights/taef2-da-{enc,dec}.safetensors (`export` copies the run's EMA there; then
+# update sizes and sha256 in weights_manifest.yaml). Runs resume with --resume (the budget counts per
+# session; the cosine learning rate follows --steps).
+set -euo pipefail
+DATA=${DATA:-../shared/data/train}
+DEV=${DEV:-../shared/data/dev}
+RUNS=${RUNS:-runs/da}
+export VAEPACK_MIRROR=${VAEPACK_MIRROR:-$(cd .. && pwd)/shared/weights}
+COMMON=(--data "$DATA" --batch 8 --crop 256 --lr 2e-4 --new-lr-mult 5 --resume)
+mkdir -p "$RUNS"
+case "${1:-}" in
+  shipped)   # D = 32, lambda_align 0.5 (the paper's ImageNet setting); 2 threads, ~3.2 s/step on the Xeon of the note
+    vaepack train-da "${COMMON[@]}" --out "$RUNS/main" --detail-channels 32 --align proj --align-weight 0.5 \
+      --steps 1600 --budget-minutes 80 --threads 2 ;;
+  ablations) # paper Table 4 (lambda_align), D = 64, and distribution matching (issue 15) on equal budgets
+    for w in 0 0.1 1.0; do
+      vaepack train-da "${COMMON[@]}" --out "$RUNS/align$w" --align proj --align-weight "$w" --steps 1600 --budget-minutes 80
+    done
+    vaepack train-da "${COMMON[@]}" --out "$RUNS/d64" --detail-channels 64 --steps 1600 --budget-minutes 80
+    vaepack train-da "${COMMON[@]}" --out "$RUNS/dm" --align dm --align-weight 0.5 --steps 1600 --budget-minutes 80 ;;
+  export)
+    vaepack train-da --out "$RUNS/main" --export-only
+    cp "$RUNS/main/encoder.safetensors" vaepack/weights/taef2-da-enc.safetensors
+    cp "$RUNS/main/decoder.safetensors" vaepack/weights/taef2-da-dec.safetensors
+    ls -l vaepack/weights/taef2-da-*.safetensors && sha256sum vaepack/weights/taef2-da-*.safetensors ;;
+  measure)   # the tables of benchmarks/results/da.md (torch fp32; latency at 512 px, batch 1)
+    python benchmarks/da.py --data "$DEV" --model da --run "$RUNS"/* --size 512 --repeat 3 \
+      --json benchmarks/results/da-$(date -u +%Y%m%d).json ;;
+  *) echo "usage: $0 shipped|ablations|export|measure" >&2; exit 2 ;;
+esac
