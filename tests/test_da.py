@@ -227,7 +227,7 @@ def test_train_lowers_loss_resumes_exports_and_loads(tmp_path, shared_weights, o
     res = run_train_da(DATrainConfig(data, tmp_path / "run", steps=28, batch=2, crop=64, lr=1e-3, bf16=False,
                                      resume=True))
     assert res["step"] == 28
-    with pytest.raises(UsageError, match="other DA-VAE options"):
+    with pytest.raises(UsageError, match="different DA-VAE config"):
         run_train_da(DATrainConfig(data, tmp_path / "run", steps=30, batch=2, crop=64, lr=1e-3, bf16=False,
                                    align_weight=1.0, resume=True))
     from safetensors import safe_open

@@ -32,7 +32,8 @@ from vaepack.errors import UsageError
 from vaepack.models import bridge as B
 from vaepack.models import tae
 from vaepack.train.common import (StepLog, Stop, atomic_torch_save, autocast, ema_decay_at, ema_update, export_safetensors,
-                                  load_images, log, provenance, training_session, warmup_cosine_lr)
+                                  load_images, log, provenance, resume_checkpoint, training_session,
+                                  warmup_cosine_lr)
 from vaepack.train.config import BridgeTrainConfig
 
 Progress = Callable[[dict], None]  # {"phase": "pairs" | "train", "step", "total", "loss", "steps_per_s"}
@@ -199,18 +200,12 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         meta = bridge_meta(cfg, bcfg)
         step = 0
-        if ckpt.exists():
-            c = torch.load(ckpt, weights_only=False, map_location=device)
-            if c["meta"] != meta:
-                raise UsageError("checkpoint was made with a different bridge config", path=str(ckpt),
-                                 hint="use a new --out, or the original options")
+        c = resume_checkpoint(ckpt, meta, device, rng, "bridge")
+        if c is not None:
             model.load_state_dict(c["model"])
             ema.load_state_dict(c["ema"])
             opt.load_state_dict(c["opt"])
             step = c["step"]
-            rng.setstate(c["rng"])
-            torch.set_rng_state(c["torch_rng"])
-            log.info("resumed from %s at step %d", ckpt, step)
 
         def save():
             atomic_torch_save({"meta": meta, "model": model.state_dict(), "ema": ema.state_dict(),

@@ -211,6 +211,21 @@ def check_resume(out_dir: str | os.PathLike, resume: bool) -> None:
         raise UsageError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
 
 
+def resume_checkpoint(ckpt: Path, meta: dict, device: torch.device, rng: random.Random, what: str) -> dict | None:
+    """The checkpoint of a run being continued (None for a new run), refused when it was made with
+    other options (``meta`` differs); the python and torch RNG states are restored from it."""
+    if not ckpt.exists():
+        return None
+    c = torch.load(ckpt, weights_only=False, map_location=device)
+    if c["meta"] != meta:
+        raise UsageError(f"checkpoint was made with a different {what} config", path=str(ckpt),
+                         hint="use a new --out, or the original options")
+    rng.setstate(c["rng"])
+    torch.set_rng_state(c["torch_rng"])
+    log.info("resumed from %s at step %d", ckpt, c["step"])
+    return c
+
+
 @contextlib.contextmanager
 def training_session(out_dir: str | os.PathLike, resume: bool, threads: int | None, device: str | None,
                      seed: int) -> Iterator[tuple[Path, Path, torch.device, random.Random]]:

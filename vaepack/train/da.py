@@ -22,7 +22,8 @@ from vaepack.errors import UsageError
 from vaepack.metrics import ms_ssim_loss
 from vaepack.models import da
 from vaepack.train.common import (StepLog, Stop, atomic_torch_save, autocast, ema_decay_at, ema_update, export_safetensors,
-                                  load_images, log, provenance, training_session, warmup_cosine_lr)
+                                  load_images, log, provenance, resume_checkpoint, training_session,
+                                  warmup_cosine_lr)
 from vaepack.train.config import DATrainConfig
 
 Progress = Callable[[dict], None]  # {"phase": "train", "step", "total", "loss", "steps_per_s"}
@@ -127,11 +128,8 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
         images = [img for _, img in load_images(cfg.data_dir, min_side=cfg.crop)]
         matcher = base_matcher(enc, images, cfg, run_dir, device) if cfg.align == "dm" else None
         step = 0
-        if ckpt.exists():
-            c = torch.load(ckpt, weights_only=False, map_location=device)
-            if c["meta"] != meta:
-                raise UsageError("checkpoint was made with other DA-VAE options", path=str(ckpt),
-                                 hint="use a new --out, or the original options")
+        c = resume_checkpoint(ckpt, meta, device, rng, "DA-VAE")
+        if c is not None:
             enc.load_state_dict(c["enc"])
             dec.load_state_dict(c["dec"])
             ema_enc.load_state_dict(c["ema_enc"])
@@ -141,9 +139,6 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
                 matcher.fake.load_state_dict(c["dm_fake"])
                 matcher.opt.load_state_dict(c["dm_opt"])
             step = c["step"]
-            rng.setstate(c["rng"])
-            torch.set_rng_state(c["torch_rng"])
-            log.info("resumed from %s at step %d", ckpt, step)
 
         def save():
             atomic_torch_save({"meta": meta, "enc": enc.state_dict(), "dec": dec.state_dict(),
