@@ -130,9 +130,8 @@ def _record(vae: VAE, z: torch.Tensor, model_id: str | None, scale: float, filte
 def base_info(vae: VAE, orig, ssize) -> dict:
     """What a DA latent file records about its base channels: space, channels, the 2x downsample
     filter, the half-size image inside the padded base image and the preview size."""
-    cfg = getattr(vae.parts["encoder"].module, "cfg", None)
     return {"space": vae.space.base, "channels": vae.space.base_channels,
-            "filter": getattr(cfg, "down_filter", "bicubic"),
+            "filter": vae.parts["encoder"].module.cfg.down_filter,
             "image_size": [-(-ssize[0] // 2), -(-ssize[1] // 2)], "preview_size": [max(1, round(orig[0] / 2)),
                                                                                max(1, round(orig[1] / 2))]}
 
@@ -144,6 +143,7 @@ def base_vae(vae: VAE) -> tuple[VAE, str]:
     import dataclasses
 
     from vaepack.manifest import PartSpec, load_manifest
+    from vaepack.models.tae import tile_split
     from vaepack.vae import Part
 
     if not vae.space.base:
@@ -156,8 +156,6 @@ def base_vae(vae: VAE) -> tuple[VAE, str]:
     # Named after the base model, so `vaepack decode` of the file picks the base space's decoder.
     entry = dataclasses.replace(vae.entry, id=vae.entry.base_model, space=space, parts={"encoder": spec},
                                 base_model="", aliases=())
-    from vaepack.models.tae import tile_split
-
     part = Part(module=module.base, image_range=p.image_range, native_is_diffusion=True, sha256=p.sha256,
                 split=tile_split("encoder", module.base))
     return VAE(entry=entry, parts={"encoder": part}, device=vae.device, dtype=vae.dtype), module.cfg.down_filter

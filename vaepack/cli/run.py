@@ -69,8 +69,6 @@ def encode(
     if base_only:  # the base encoder inside the DA encoder, at half the scale, with the DA's own filter
         vae, filter = base_vae(vae)
         scale, model = scale / 2, vae.entry.id
-    if fmt == "comfyui":
-        L.check_comfyui(vae.space)
     pad_multiple = L.pad_multiple(vae.space, fmt)
 
     def one_group(group):
