@@ -256,17 +256,30 @@ def test_train_with_distribution_matching_resumes(tmp_path, shared_weights, one_
         save_image(data / f"{i}.png", _photo(128, 128, seed=i))
     seen: list[dict] = []
 
-    def cfg(steps, resume=False):
-        return DATrainConfig(data, tmp_path / "run", steps=steps, batch=2, crop=64, align="dm", align_weight=0.5,
-                             dm_real_steps=5, log_every=1, bf16=False, resume=resume)
+    def cfg(steps, resume=False, stop_at=None):
+        return DATrainConfig(data, tmp_path / "run", steps=steps, stop_at=stop_at, batch=2, crop=64, align="dm",
+                             align_weight=0.5, dm_real_steps=5, log_every=1, bf16=False, resume=resume)
 
-    assert run_train_da(cfg(3), progress=seen.append)["step"] == 3
+    res = run_train_da(cfg(5, stop_at=3), progress=seen.append)  # --stop-at: the schedule of 5 steps, stopped at 3
+    assert res["step"] == 3 and not res["done"] and res["exported"]
     assert len(list((tmp_path / "run").glob("dm-real-*.safetensors"))) == 1
     c = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert "dm_fake" in c and c["meta"]["align"] == "dm"
     assert run_train_da(cfg(5, resume=True))["step"] == 5
     log = (tmp_path / "run" / "train.log").read_text()
     assert " dm " in log
+
+
+@pytest.mark.parametrize("filt", ["bicubic", "bilinear"])
+def test_exportable_half_equals_torch_antialiased_resize(filt):
+    """The ONNX form of the documented downsample (two strided convolutions + border
+    renormalization) gives torch's antialiased resize, borders included."""
+    torch.manual_seed(0)
+    for h, w in ((16, 16), (32, 48), (18, 22), (144, 80)):
+        x = torch.rand(2, 3, h, w)
+        want = da.half(x, filt)
+        got = da.half_fir(x, filt)
+        assert got.shape == want.shape and (got - want).abs().max() < 1e-6
 
 
 def test_groups_hold_eq4_members():
@@ -285,6 +298,8 @@ def test_train_config_errors(tmp_path):
         DATrainConfig(tmp_path / "d", tmp_path / "r", detail_channels=40).validate()
     with pytest.raises(UsageError, match="--align"):
         DATrainConfig(tmp_path / "d", tmp_path / "r", align="dm2").validate()
+    with pytest.raises(UsageError, match="--stop-at"):
+        DATrainConfig(tmp_path / "d", tmp_path / "r", steps=10, stop_at=11).validate()
     with pytest.raises(Exception, match="image"):
         DATrainConfig(tmp_path / "d", tmp_path / "r").validate()  # an empty folder
 

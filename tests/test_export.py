@@ -196,6 +196,24 @@ def test_real_taesana_export(zoo, out):
 
 
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_da_export(out, part):
+    """DA-VAE (embedded weights): the encoder's antialiased 2x downsample has no ONNX op, so it is
+    traced as models.da.half_fir; parity at two sizes and a third one unseen at export."""
+    res = XO.export_onnx("taef2-da", part, out, parity_sizes=((64, 64), (96, 160)))
+    sc = check_sidecar(res, "taef2-da", part)
+    assert sc["parity"]["max_rel_err"] <= XP.TOLERANCES["fp32"] and sc["size_multiple"] == 16
+    assert_dynamic(res.onnx_path)
+    from vaepack.runtime import load_vae
+
+    vae = load_vae("da", parts=(part,))
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 80, 48) if part == "encoder" else torch.randn(1, 64, 5, 3)
+    ref = vae.encode(x) if part == "encoder" else vae.decode(x)
+    got = A.graph_post(sc, run_ort(res.onnx_path, A.graph_pre(sc, x)))
+    assert (got - ref).abs().max() <= 1e-4 * (ref.max() - ref.min())
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
 @pytest.mark.parametrize("conv", [True, False])
 def test_kl_flux2_bn_export(zoo, out, part, conv):
     res = XO.export_onnx(zoo["kl"], part, out, include_convention=conv, parity_sizes=SIZES)

@@ -336,3 +336,101 @@ def test_bench_int8_rows(one_thread):
     assert "no int8 calibration" in rows[("decoder", "onnxruntime")]["reason"]
     assert rows[("encoder", "torch")]["status"] == "skipped"
     validate(r)
+
+
+# --------------------------------------------------------------------------- quantization-aware training
+def test_qat_run_exports_weights_the_int8_graph_is_built_from(zoo, photos, tmp_path, fresh_home):
+    """vaepack train-qat on the tiny TAE encoder: the loss falls, the run resumes, its calibration
+    names its weights, and the int8 export made with it computes what the fake-quantized training
+    model computes (onnxruntime vs torch), not what the original weights would."""
+    from safetensors.torch import load_file
+
+    from vaepack.train.config import QATTrainConfig
+    from vaepack.train.qat import FakeQuantPlan, fake_quantized, run_train_qat
+    from vaepack.vae import load_torch_vae
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in _images(photos):
+        shutil.copy(p, data / p.name)
+    (data / "broken.png").unlink()
+    seen: list[float] = []
+    cfg = QATTrainConfig(zoo["tae"], "encoder", data, tmp_path / "run", scale=1.0, crop=32, batch=4, steps=30,
+                         lr=3e-3, log_every=1)
+    res = run_train_qat(cfg, progress=lambda d: seen.append(d["loss"]))
+    assert res["step"] == 30 and len(seen) == 30
+    assert sum(seen[-5:]) / 5 < sum(seen[:5]) / 5, seen
+    res = run_train_qat(dataclasses.replace(cfg, steps=32, resume=True))
+    assert res["step"] == 32
+    wpath, jpath = tmp_path / "run" / "encoder.qat.safetensors", tmp_path / "run" / "encoder.int8.json"
+    cal = json.loads(jpath.read_text())
+    assert cal["method"] == "qat" and cal["qat"]["weights"] == wpath.name
+    assert cal["qat"]["weights_sha256"] == W.sha256_file(wpath)
+
+    entry = get_model(zoo["tae"])
+    cal = Q.prepare_calibration(entry, "encoder", jpath)  # what `vaepack export --calibration RUN/encoder.int8.json` does
+    out = XO.export_onnx(entry, "encoder", tmp_path / "x", precision="int8", calibration=cal, parity_sizes=SIZES)
+    sc = json.loads(out.sidecar_path.read_text())
+    assert sc["int8"]["qat_weights_sha256"] == cal["qat"]["weights_sha256"]
+    assert sc["weights_sha256"] == W.weights_digest(entry, "encoder")  # still this model's artifact
+
+    x = _inputs(zoo["tae"], "encoder", photos)
+    got = R.get_backend("onnxruntime", zoo["tae"], "encoder", "int8", onnx_path=out.onnx_path)(x)
+    vae = load_torch_vae(entry, parts=("encoder",))
+    mod = vae.parts["encoder"].module
+    box = {}
+    h = mod.register_forward_pre_hook(lambda _m, args: box.update(inp=args[0]))
+    vae.encode(x)
+    h.remove()
+    plan = FakeQuantPlan(mod, box["inp"], cal["ranges"])
+    with fake_quantized(mod, plan):
+        original = vae.encode(x)
+    mod.load_state_dict(load_file(str(wpath)))
+    with fake_quantized(mod, plan):
+        want = vae.encode(x)
+    assert _rel(got, want) <= 0.05 * XP.TOLERANCES["int8"]
+    assert _rel(original, want) > 10 * _rel(got, want)
+
+
+def test_qat_weights_are_verified(zoo, photos, tmp_path, fresh_home):
+    from vaepack.train.config import QATTrainConfig
+    from vaepack.train.qat import run_train_qat
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in _images(photos)[:5]:
+        shutil.copy(p, data / p.name)
+    run_train_qat(QATTrainConfig(zoo["tae"], "encoder", data, tmp_path / "run", scale=1.0, crop=32, batch=2, steps=2))
+    entry = get_model(zoo["tae"])
+    wpath, jpath = tmp_path / "run" / "encoder.qat.safetensors", tmp_path / "run" / "encoder.int8.json"
+    wpath.write_bytes(wpath.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(ExportError, match="do not match the sha256"):
+        Q.prepare_calibration(entry, "encoder", jpath)
+    wpath.unlink()
+    with pytest.raises(ExportError, match="not beside it"):
+        Q.prepare_calibration(entry, "encoder", jpath)
+    cal = json.loads(jpath.read_text())
+    cal["qat"]["weights"] = "../elsewhere.safetensors"
+    jpath.write_text(json.dumps(cal))
+    with pytest.raises(ExportError, match="without a file name"):
+        Q.prepare_calibration(entry, "encoder", jpath)
+
+
+def test_qat_image_loss_and_config_errors(zoo, photos, tmp_path, fresh_home):
+    from vaepack.train.config import QATTrainConfig
+    from vaepack.train.qat import run_train_qat
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in _images(photos)[:5]:
+        shutil.copy(p, data / p.name)
+    seen: list[float] = []
+    res = run_train_qat(QATTrainConfig(zoo["tae"], "encoder", data, tmp_path / "run", scale=1.0, crop=32, batch=2,
+                                       steps=3, loss="image", log_every=1), progress=lambda d: seen.append(d["loss"]))
+    assert res["step"] == 3 and res["loss"] == "image" and all(0 < v < 1 for v in seen)  # L1 of [0, 1] pixels
+    with pytest.raises(UsageError, match="for an encoder"):
+        QATTrainConfig(zoo["tae"], "decoder", data, tmp_path / "r2", loss="image").validate()
+    with pytest.raises(UsageError, match="--loss"):
+        QATTrainConfig(zoo["tae"], "encoder", data, tmp_path / "r2", loss="huber").validate()
+    with pytest.raises(UsageError, match="--part"):
+        QATTrainConfig(zoo["tae"], "eps-step", data, tmp_path / "r2").validate()

@@ -410,9 +410,7 @@ def _mean(v: list[float]) -> float:
 
 def measure_model(spec: ModelSpec, train_imgs, held_imgs, cfg: ModelabilityConfig,
                   progress: Progress | None = None) -> dict:
-    """One row of the table: encode, normalize, train, evaluate."""
-    from vaepack.vae import pick_device
-
+    """One row of the table: encode, then ``score_latents``."""
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
     vae = load_encoder(spec.model, cfg.backend, cfg.device, cfg.threads, cfg.dtype)
@@ -421,11 +419,29 @@ def measure_model(spec: ModelSpec, train_imgs, held_imgs, cfg: ModelabilityConfi
     tr, ran = encode_images(vae, train_imgs, spec.scale, cfg.filter, entry.id)
     he, _ = encode_images(vae, held_imgs, spec.scale, cfg.filter, entry.id)
     del vae
+    row = score_latents(spec.label, tr, he, cfg, progress)
+    row["seconds"]["encode"] = time.perf_counter() - t0 - sum(row["seconds"].values())
+    c, h, w = he[0].shape
+    return {"spec": spec.label, "model": entry.id, "scale": spec.scale, "space": entry.space.name,
+            "channels": int(c), "factor": entry.space.factor, "pixels_per_latent": entry.space.factor / spec.scale,
+            "example": {"source": str(held_imgs[0][0].name), "image_size": list(held_imgs[0][1].shape[-2:]),
+                        "latent_shape": [int(c), int(h), int(w)]},
+            "encoder": ran, **row}
+
+
+def score_latents(label: str, tr: list[torch.Tensor], he: list[torch.Tensor], cfg: ModelabilityConfig,
+                  progress: Progress | None = None) -> dict:
+    """Normalize per channel (training statistics), train the flow model on the training latents and
+    score it on the held-out ones: the part of a row that does not depend on where the latents came
+    from (benchmarks score latents of training runs with it too)."""
+    from vaepack.vae import pick_device
+
+    say = progress or (lambda _m: None)
     t1 = time.perf_counter()
     mean, std = channel_stats(tr)
     trn, hen = normalize(tr, mean, std), normalize(he, mean, std)
     crop = cfg.train.crop
-    say(f"{spec.label}: training the flow model for {cfg.train.steps} steps")
+    say(f"{label}: training the flow model for {cfg.train.steps} steps")
     model, losses = train_flow(trn, cfg.train, pick_device(cfg.device), progress)
     t2 = time.perf_counter()
     crops = grid_crops(hen, crop)
@@ -436,13 +452,8 @@ def measure_model(spec: ModelSpec, train_imgs, held_imgs, cfg: ModelabilityConfi
     floor = CropSampler(trn, crop)(cfg.samples, torch.Generator().manual_seed(cfg.train.seed + SAMPLE_SEED_OFFSET))
     t3 = time.perf_counter()
     tail = max(1, len(losses) // 10)
-    c, h, w = he[0].shape
     return {
-        "spec": spec.label, "model": entry.id, "scale": spec.scale, "space": entry.space.name,
-        "channels": int(c), "factor": entry.space.factor, "pixels_per_latent": entry.space.factor / spec.scale,
-        "example": {"source": str(held_imgs[0][0].name), "image_size": list(held_imgs[0][1].shape[-2:]),
-                    "latent_shape": [int(c), int(h), int(w)]},
-        "encoder": ran, "train_latents": len(tr), "heldout_latents": len(he), "heldout_crops": int(crops.shape[0]),
+        "train_latents": len(tr), "heldout_latents": len(he), "heldout_crops": int(crops.shape[0]),
         "norm": {"mean": mean.tolist(), "std": std.tolist()},
         "flow_params": parameter_count(model),
         "train_loss_first": _mean(losses[:tail]), "train_loss_last": _mean(losses[-tail:]),
@@ -452,7 +463,7 @@ def measure_model(spec: ModelSpec, train_imgs, held_imgs, cfg: ModelabilityConfi
         "fd_tokens_floor": frechet_between(tokens(floor), tokens(crops)),
         "fd_patches_floor": frechet_between(patches2x2(floor), patches2x2(crops)),
         "generated_std": gen.std().item(),
-        "seconds": {"encode": t1 - t0, "train": t2 - t1, "eval": t3 - t2},
+        "seconds": {"train": t2 - t1, "eval": t3 - t2},
     }
 
 
@@ -480,5 +491,5 @@ def run_modelability(cfg: ModelabilityConfig, progress: Progress | None = None) 
 __all__ = ["CropSampler", "EVAL_SEED_OFFSET", "FlowTrainConfig", "ModelSpec", "ModelabilityConfig", "T_BUCKETS",
            "channel_stats", "check_disjoint", "check_models", "encode_images", "flow_loss", "frechet_between",
            "frechet_distance", "gaussian_fit", "generate", "grid_crops", "heldout_loss", "load_encoder",
-           "measure_model", "new_flow", "normalize", "parse_spec", "patches2x2", "run_modelability", "tokens",
-           "train_flow"]
+           "measure_model", "new_flow", "normalize", "parse_spec", "patches2x2", "run_modelability", "score_latents",
+           "tokens", "train_flow"]

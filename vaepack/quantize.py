@@ -21,6 +21,10 @@ file keyed by Conv module name and tied to the weights sha256; the embedded defa
 (listed in the manifest under the part as ``int8_calibration``), others are computed with
 ``vaepack export MODEL --precision int8 --calibration DIR`` into <cache>/int8/.
 ONNX Conv nodes are matched to modules by their weights (exact equality), never by position.
+
+A calibration may also name quantization-aware weights (``qat``: file name and sha256; made by
+vaepack.train.qat): the int8 graph is then built from those float weights, found beside the
+calibration, in <cache>/int8/ or in the package, and verified; the model's fp32 weights are unchanged.
 """
 
 from __future__ import annotations
@@ -173,12 +177,17 @@ def prepare_calibration(entry: ModelEntry, part: str, source: str | Path | None,
         return None
     digest = weights_digest(entry, part)
     src = Path(source)
+    dest = cached_calibration_path(entry, part, digest)
     if src.suffix.lower() == ".json" and src.is_file():
         cal = load_calibration(src, entry, part, digest)
+        qat = qat_weights_path(cal, src)
+        if qat is not None and qat.parent != dest.parent:  # runtimes find the weights in the cache later
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(dest.parent / qat.name, qat.read_bytes())
     else:
         images = expand_inputs([str(source)])
         cal = calibrate(entry, part, images, scale=scale, crop=crop, count=count, source=str(source))
-    save_calibration(cal, cached_calibration_path(entry, part, digest))
+    save_calibration(cal, dest)
     return cal
 
 
@@ -201,7 +210,50 @@ def check_calibration(cal: Any, where: str, entry: ModelEntry | None = None, par
         if not (isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) and np.isfinite(t) for t in v)
                 and v[0] <= v[1]):
             raise ExportError(f"calibration range of '{k}' is not [lo, hi]", path=where)
+    qat = cal.get("qat")
+    if qat is not None and not (isinstance(qat, dict) and isinstance(qat.get("weights"), str)
+                                and Path(qat["weights"]).name == qat["weights"]
+                                and isinstance(qat.get("weights_sha256"), str)):
+        raise ExportError("calibration names quantization-aware weights without a file name and sha256", path=where)
     return cal
+
+
+def qat_weights_path(cal: dict, *near: str | Path | None) -> Path | None:
+    """The fine-tuned weights a QAT calibration names (vaepack.train.qat), verified by sha256: looked
+    up beside the calibration files in ``near``, in <cache>/int8/ and among the package's weights.
+    None for a plain calibration."""
+    qat = cal.get("qat")
+    if not qat:
+        return None
+    name = qat["weights"]
+    dirs = [Path(p).parent for p in near if p] + [cache_dir() / "int8", embedded_weights_dir()]
+    for d in dirs:
+        p = d / name
+        if p.is_file():
+            if sha256_file(p) != qat["weights_sha256"]:
+                raise ExportError("quantization-aware weights do not match the sha256 in their calibration",
+                                  path=str(p), hint="train again (vaepack train-qat) or restore the file")
+            return p
+    raise ExportError(f"the int8 calibration needs its quantization-aware weights {name}, which are not beside it",
+                      hint="keep <part>.qat.safetensors next to <part>.int8.json (vaepack train-qat writes both)")
+
+
+def load_qat_weights(module: nn.Module, cal: dict, *near: str | Path | None) -> nn.Module:
+    """``module`` itself for a plain calibration, else a copy holding the QAT weights (strict)."""
+    path = qat_weights_path(cal, *near)
+    if path is None:
+        return module
+    import copy
+
+    from safetensors.torch import load_file
+
+    out = copy.deepcopy(module)
+    try:
+        out.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"quantization-aware weights do not fit the model ({str(e).splitlines()[0]})",
+                          path=str(path)) from None
+    return out.eval()
 
 
 def cached_calibration_path(entry: ModelEntry, part: str, digest: str) -> Path:
@@ -354,6 +406,7 @@ def quantize_model(model, module: nn.Module, cal: dict):
 
 __all__ = [
     "CALIBRATION_FORMAT", "act_qparams", "cached_calibration_path", "calibrate", "calibration_sha256",
-    "check_calibration", "find_calibration", "has_calibration", "load_calibration", "prepare_calibration",
-    "quantize_model", "save_calibration", "shipped_calibration", "weight_qparams",
+    "check_calibration", "find_calibration", "has_calibration", "load_calibration", "load_qat_weights",
+    "prepare_calibration", "qat_weights_path", "quantize_model", "save_calibration", "shipped_calibration",
+    "weight_qparams",
 ]

@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 for name, fn in (("encode", run.encode), ("decode", run.decode), ("roundtrip", run.roundtrip),
                  ("convert", convert.convert),
                  ("distill", train.distill), ("distill-export", train.distill_export), ("train-eps", train.train_eps),
-                 ("train-bridge", train.train_bridge), ("train-da", train.train_da),
+                 ("train-bridge", train.train_bridge), ("train-da", train.train_da), ("train-qat", train.train_qat),
                  ("sweep", analysis.sweep), ("latent-stats", analysis.latent_stats), ("export", export.export),
                  ("bench", bench.bench), ("tune", tune.tune), ("modelability", modelability.modelability)):
     app.command(name)(fn)

@@ -244,6 +244,8 @@ def train_da(
                                      "warm-started from it) or taef2 (TAEF2's, ~3x the cost)."),
     down_filter: str = typer.Option("bicubic", "--down-filter", help="The base branch's 2x downsample (antialiased)."),
     steps: int = typer.Option(3000, "--steps"),
+    stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Stop (checkpoint + export) at this step, keeping "
+                                          "the learning-rate schedule of --steps (equal-step ablations)."),
     batch: int = typer.Option(8, "--batch"),
     crop: int = typer.Option(256, "--crop", help="Training crop in px (a multiple of 16)."),
     lr: float = typer.Option(2e-4, "--lr", help="Learning rate of the warm-started layers."),
@@ -277,12 +279,60 @@ def train_da(
             raise UsageError("--data is required to train", hint="or pass --export-only")
         cfg = DATrainConfig(data, out, detail_channels=detail_channels, align=align, align_weight=align_weight,
                             dm_real_steps=dm_real_steps,
-                            detail_trunk=detail_trunk, down_filter=down_filter, steps=steps, batch=batch, crop=crop,
+                            detail_trunk=detail_trunk, down_filter=down_filter, steps=steps, stop_at=stop_at, batch=batch, crop=crop,
                             lr=lr, new_lr_mult=new_lr_mult, ema=ema, w_l1=w_l1, w_msssim=w_msssim, resume=resume, max_minutes=budget_minutes,
                             seed=seed, threads=threads, device=device, bf16=bf16, command=command_line())
         prog, cb = _train_progress("train-da")
         with prog:
             res = run_train_da(cfg, progress=cb)
+    if as_json:
+        emit_json(res)
+    else:
+        note(f"step {res['step']}/{res['steps']} -> {', '.join(res['exported'])}" if "step" in res
+             else f"exported {', '.join(res['exported'])}")
+
+
+def train_qat(
+    model: str = typer.Option("default", "--model", help="Manifest model whose part gets an int8-aware copy."),
+    part: str = typer.Option("encoder", "--part", help="encoder or decoder."),
+    data: Path = typer.Option(..., "--data", help="Folder of training images (never the evaluation set)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, log, <part>.qat.safetensors, <part>.int8.json."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration JSON with the activation "
+                                               "ranges (default: the part's shipped or cached one, else made from --data)."),
+    scale: float = typer.Option(1.5, "--scale", help="Remap of the crops before encoding (the model's usual --scale)."),
+    crop: int = typer.Option(128, "--crop", help="Training crop in px, before --scale."),
+    batch: int = typer.Option(8, "--batch"),
+    steps: int = typer.Option(400, "--steps"),
+    lr: float = typer.Option(1e-5, "--lr"),
+    loss: str = typer.Option("mse", "--loss", help="mse (relative to the fp32 outputs' mean square) or l1."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    export_only: bool = typer.Option(False, "--export-only", help="Export the run's current checkpoint and stop."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop (checkpoint + export) after this long."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Quantization-aware fine-tuning: a copy of a model's part that keeps its fp32 outputs under int8
+    arithmetic. Use it with: vaepack export MODEL --part PART --precision int8 --calibration RUN/PART.int8.json"""
+    from vaepack.files import command_line
+
+    if export_only:
+        from vaepack.train.qat import export_qat
+
+        if not (out / "checkpoint.pt").is_file():
+            raise UsageError(f"{out} holds no QAT checkpoint", hint="train first: vaepack train-qat --data DIR --out RUN")
+        res = {"exported": [str(p) for p in export_qat(out)]}
+    else:
+        from vaepack.train.config import QATTrainConfig
+        from vaepack.train.qat import run_train_qat
+
+        cfg = QATTrainConfig(model, part, data, out, calibration=calibration, scale=scale, crop=crop, batch=batch,
+                             steps=steps, lr=lr, loss=loss, resume=resume, max_minutes=budget_minutes, seed=seed,
+                             threads=threads, device=device, command=command_line())
+        prog, cb = _train_progress("train-qat")
+        with prog:
+            res = run_train_qat(cfg, progress=cb)
     if as_json:
         emit_json(res)
     else:

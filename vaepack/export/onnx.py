@@ -87,10 +87,6 @@ def check_args(entry: ModelEntry, part: str, precision: str, opset: int, exporte
     if part == "decoder" and spec.family == "eps":
         raise UsageError(f"the decoder of '{entry.id}' is a diffusion sampler (a loop over noise), not one graph",
                          hint="export its denoiser step with --part eps-step")
-    why = family_attr(spec, "NO_ONNX", {}).get(spec.part)
-    if why:  # refused before tracing: the exporter would fail after dumping the whole graph
-        raise ExportError(f"the {spec.part} of '{entry.id}' has no ONNX export yet: {why}",
-                          hint="run it with --backend torch")
     if precision == "fp16":
         check_fp16(entry.id, entry.fp16_safe, hint="export with --precision bf16 or fp32, or use fp16-fix weights")
     if precision == "int8" and part == "eps-step":
@@ -140,6 +136,10 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
         else:
             calibration = Q.check_calibration(calibration, "calibration", entry, mpart, digest)
             cal_source = calibration.get("data", {}).get("source") or "given"
+        # quantization-aware weights (vaepack train-qat): the int8 graph is built from them, the
+        # sidecar keeps the model's own weights hash (the artifact belongs to this model) and names them
+        near = cal_source if str(cal_source).endswith(".json") else None
+        module = net = Q.load_qat_weights(module, calibration, near)
     bn = bn_stats(entry.space, module)
     if part == "eps-step":
         include_convention = False
@@ -175,7 +175,8 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
         sc["int8"] = {"calibration_sha256": Q.calibration_sha256(calibration), "calibration_file": cal_source,
                       "method": calibration.get("method"), "activations": calibration.get("activations"),
                       "weights": calibration.get("weights"),
-                      "calibration_data": {k: v for k, v in calibration.get("data", {}).items() if k != "files"}}
+                      "calibration_data": {k: v for k, v in calibration.get("data", {}).items() if k != "files"},
+                      "qat_weights_sha256": (calibration.get("qat") or {}).get("weights_sha256")}
     # Batch 2 and the largest parity size: the dynamo exporter specializes dimensions of size 1.
     example = G.example_inputs(entry, part, max(sizes, key=lambda s: s[0] * s[1]), batch=2)
 

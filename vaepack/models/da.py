@@ -79,9 +79,41 @@ class DAConfig:
 
 
 def half(x: torch.Tensor, filter: str) -> torch.Tensor:
-    """The documented 2x downsample: torch's antialiased resize, as vaepack.tiling.resize does it."""
+    """The documented 2x downsample: torch's antialiased resize, as vaepack.tiling.resize does it.
+    While exporting to ONNX (which has no op for it) the same resize is traced as ``half_fir``."""
+    if torch.onnx.is_in_onnx_export():
+        return half_fir(x, filter)
     h, w = x.shape[-2:]
     return F.interpolate(x, size=(h // 2, w // 2), mode=filter, align_corners=False, antialias=True)
+
+
+def _aa_taps(filter: str) -> list[float]:
+    """The 1-D weights of torch's antialiased 2x downsample (its CPU kernel, PIL's scheme): output i
+    weighs input j by k((j - 2i - 0.5) / 2), k = the cubic with a = -0.5 or the triangle, over
+    |j - 2i - 0.5| < 2 * support: 8 taps (bicubic) or 4 (bilinear), divided by the sum of the taps
+    that fall inside the image."""
+    def cubic(t: float, a: float = -0.5) -> float:
+        return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1 if t < 1 else a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+
+    n = 4 if filter == "bicubic" else 2
+    ts = [abs(j + 0.5) / 2 for j in range(-n, n)]
+    return [cubic(t) for t in ts] if filter == "bicubic" else [max(0.0, 1 - t) for t in ts]
+
+
+def half_fir(x: torch.Tensor, filter: str) -> torch.Tensor:
+    """``half`` as two strided convolutions with constant kernels (standard ONNX ops, any H and W):
+    zero padding, then division by the same convolution of ones, which is torch's renormalization of
+    the taps inside the image at the borders. Equal to ``half`` up to float rounding (tested); even H, W."""
+    taps = _aa_taps(filter)
+    n, p = len(taps), len(taps) // 2 - 1  # output i reads inputs 2i - p .. 2i + p + 1
+    kv = torch.tensor(taps, dtype=x.dtype).view(1, 1, n, 1)
+    kh = kv.view(1, 1, 1, n)
+    b, c, h, w = x.shape
+    y = F.conv2d(x.reshape(b * c, 1, h, w), kv, stride=(2, 1), padding=(p, 0))
+    y = y / F.conv2d(torch.ones_like(x[:1, :1, :, :1]), kv, stride=(2, 1), padding=(p, 0))
+    y = F.conv2d(y, kh, stride=(1, 2), padding=(0, p))
+    y = y / F.conv2d(torch.ones_like(x[:1, :1, :1, :]), kh, stride=(1, 2), padding=(0, p))
+    return y.reshape(b, c, y.shape[-2], y.shape[-1])
 
 
 def proj(z_d: torch.Tensor, base_channels: int) -> torch.Tensor:
@@ -234,12 +266,6 @@ class _Call(nn.Module):
 CONFIGS = {"encoder": DAConfig, "decoder": DAConfig}
 IMAGE_RANGE = "0,1"
 NATIVE_IS_DIFFUSION = True
-# Parts the ONNX export refuses, with the reason (vaepack.export.onnx.check_args; `--backend auto` then
-# runs them on torch and says so).
-NO_ONNX = {"encoder": "its antialiased 2x downsample (aten::_upsample_bicubic2d_aa) has no ONNX op in "
-                      "torch's TorchScript exporter"}
-
-
 def build(part: str, cfg: DAConfig) -> nn.Module:
     return DAEncoder(cfg) if part == "encoder" else DADecoder(cfg)
 

@@ -73,6 +73,18 @@ def load_images(data_dir: str | os.PathLike, min_side: int = 16) -> list[tuple[P
     return out
 
 
+def random_crops(images: list[torch.Tensor], n: int, crop: int, rng: random.Random) -> torch.Tensor:
+    """``n`` random ``crop`` px crops (uint8 images, random mirror) as float [0, 1] (n, 3, crop, crop)."""
+    out = []
+    for _ in range(n):
+        img = images[rng.randrange(len(images))]
+        h, w = img.shape[-2:]
+        top, left = rng.randrange(h - crop + 1), rng.randrange(w - crop + 1)
+        c = img[:, top:top + crop, left:left + crop]
+        out.append(c.flip(-1) if rng.random() < 0.5 else c)
+    return torch.stack(out).float() / 255
+
+
 # ----------------------------------------------------------------------------- saving
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves a

@@ -351,6 +351,7 @@ class DATrainConfig:
     detail_blocks: int = 1
     head_blocks: int = 1
     steps: int = 3000
+    stop_at: int | None = None  # stop at this step with the schedule of ``steps`` (equal-step ablations)
     batch: int = 8
     crop: int = 256  # full-resolution crop (the base sees crop / 2)
     lr: float = 2e-4  # the warm-started layers (TAEF2's decoder, the detail trunk)
@@ -384,6 +385,8 @@ class DATrainConfig:
                              f"got {self.detail_channels}")
         if self.steps < 1 or self.batch < 1:
             raise UsageError("--steps and --batch must be >= 1")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise UsageError(f"--stop-at must be between 1 and --steps ({self.steps}), got {self.stop_at}")
         if self.lr <= 0 or self.new_lr_mult <= 0:
             raise UsageError("--lr and --new-lr-mult must be > 0")
         if self.crop < 64 or self.crop % 16:
@@ -394,4 +397,67 @@ class DATrainConfig:
             raise UsageError(f"--down-filter must be bicubic or bilinear, got {self.down_filter!r}")
         if self.detail_trunk not in ("s2d", "taef2"):
             raise UsageError(f"--detail-trunk must be s2d or taef2, got {self.detail_trunk!r}")
+        training_images(self.data_dir)
+
+
+# ---------------------------------------------------------------------------- int8 QAT (issue 17 part 3)
+QAT_LOSSES = ("mse", "l1", "image")
+
+
+@dataclass
+class QATTrainConfig:
+    """Quantization-aware fine-tuning of one part of a manifest model (vaepack.train.qat.run_train_qat):
+    the part computes with the int8 arithmetic of the QDQ export (fake quantization, straight-through
+    gradients) and learns to reproduce the shipped fp32 part's outputs on crops of the training photos.
+
+    Inputs are what the part sees in use: ``crop`` px crops remapped by ``scale`` (the pipeline's
+    bilinear resize; the default model runs at 1.5x) for an encoder, the fp32 encoder's latents of
+    those for a decoder. Loss on the part's raw outputs: ``mse`` (divided by the fp32 outputs' mean
+    square: a relative error, as int8 noise is) or ``l1``; or, for an encoder, ``image``: L1 between
+    the model's frozen fp32 decoder applied to the int8 latents and to the fp32 latents (what the
+    auto policy measures is the round trip, not the latent). The activation ranges come from
+    ``calibration`` (a calibration JSON; default: the part's shipped or cached one, or a new one from
+    ``data_dir``) and stay fixed: they ship with the weights."""
+
+    model: str
+    part: str
+    data_dir: Path
+    out_dir: Path
+    calibration: Path | None = None
+    scale: float = 1.5
+    crop: int = 128
+    batch: int = 8
+    steps: int = 400
+    lr: float = 1e-5  # a fine-tune of converged weights: large steps undo the fp32 model
+    loss: str = "mse"
+    resume: bool = False
+    max_minutes: float | None = None
+    seed: int = 0
+    threads: int | None = None
+    device: str | None = None
+    log_every: int = 20
+    save_every_minutes: float = 5.0
+    command: str | None = None
+
+    def __post_init__(self):
+        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
+        self.calibration = Path(self.calibration) if self.calibration is not None else None
+
+    def validate(self) -> None:
+        from vaepack.train.common import training_images
+
+        if self.part not in PARTS:
+            raise UsageError(f"--part must be encoder or decoder, got '{self.part}'")
+        if self.loss not in QAT_LOSSES:
+            raise UsageError(f"unknown --loss '{self.loss}' (choose {', '.join(QAT_LOSSES)})")
+        if self.loss == "image" and self.part != "encoder":
+            raise UsageError("--loss image is for an encoder (it decodes the latents with the model's fp32 decoder)")
+        if self.steps < 1 or self.batch < 1:
+            raise UsageError("--steps and --batch must be >= 1")
+        if self.lr <= 0 or not (self.scale > 0):
+            raise UsageError("--lr and --scale must be > 0")
+        if self.crop < 16 or self.crop % 8:
+            raise UsageError(f"--crop must be a multiple of 8 and >= 16, got {self.crop}")
+        if self.calibration is not None and not self.calibration.is_file():
+            raise UsageError("calibration file not found", path=str(self.calibration))
         training_images(self.data_dir)

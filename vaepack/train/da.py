@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,7 @@ from vaepack.errors import UsageError
 from vaepack.metrics import ms_ssim_loss
 from vaepack.models import da
 from vaepack.train.common import (StepLog, Stop, atomic_torch_save, autocast, ema_decay_at, ema_update, export_safetensors,
-                                  load_images, log, provenance, resume_checkpoint, training_session,
+                                  load_images, log, provenance, random_crops, resume_checkpoint, training_session,
                                   warmup_cosine_lr)
 from vaepack.train.config import DATrainConfig
 
@@ -74,19 +73,6 @@ def base_matcher(enc: da.DAEncoder, images: list[torch.Tensor], cfg: DATrainConf
     rf = real_flow(Reference("base channels of the training photos", lat), dm.real, cache=run_dir, device=device,
                    progress=lambda m: log.info("%s", m))
     return DistributionMatcher.from_real_flow(rf, dm)
-
-
-def random_crops(images: list[torch.Tensor], n: int, crop: int, rng: random.Random) -> torch.Tensor:
-    """``n`` random ``crop`` px crops (uint8 images, random mirror) as float [0, 1] (n, 3, crop, crop)."""
-    out = []
-    for _ in range(n):
-        img = images[rng.randrange(len(images))]
-        h, w = img.shape[-2:]
-        top, left = rng.randrange(h - crop + 1), rng.randrange(w - crop + 1)
-        c = img[:, top:top + crop, left:left + crop]
-        out.append(c.flip(-1) if rng.random() < 0.5 else c)
-    return torch.stack(out).float() / 255
-
 
 
 def run_meta(cfg: DATrainConfig, dcfg: da.DAConfig) -> dict:
@@ -152,7 +138,7 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
                  dcfg.detail_channels, cfg.align, cfg.align_weight, sum(p.numel() for p in params))
         slog = StepLog(cfg.steps, cfg.log_every, step, cfg.save_every_minutes, progress)
         with Stop(cfg.max_minutes) as stop:
-            while step < cfg.steps and not stop.interrupted and not stop.timed_out():
+            while step < (cfg.stop_at or cfg.steps) and not stop.interrupted and not stop.timed_out():
                 x = random_crops(images, cfg.batch, cfg.crop, rng).to(device)
                 for g in opt.param_groups:
                     g["lr"] = warmup_cosine_lr(step, cfg.steps, cfg.lr) * g["mult"]
