@@ -111,3 +111,16 @@ def test_unknown_conv_in_the_calibration_is_refused(net_and_data):
     net, _ = net_and_data
     with pytest.raises(UsageError, match="does not have"):
         qat.FakeQuantPlan(net, torch.rand(1, 3, 8, 8), {"nope": [0.0, 1.0]})
+
+
+def test_cli_errors_are_one_line(tmp_path, run_cli, clean_error):
+    code, _, err = run_cli("train-qat", "--out", tmp_path / "run", "--export-only")
+    assert code == 2
+    clean_error(err, "holds no QAT checkpoint", "train-qat --data")
+    code, _, err = run_cli("train-qat", "--out", tmp_path / "run")
+    assert code == 2
+    clean_error(err, "--data is required")
+    (tmp_path / "d").mkdir()
+    code, _, err = run_cli("train-qat", "--out", tmp_path / "run", "--data", tmp_path / "d", "--loss", "huber")
+    assert code == 2
+    clean_error(err, "unknown --loss")

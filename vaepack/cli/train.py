@@ -232,6 +232,21 @@ def train_bridge(
         note(f"step {res['step']}/{res['steps']} -> {res['exported']}")
 
 
+def _export_checkpoint(out: Path, what: str, command: str, export) -> dict:
+    """--export-only of a resumable trainer: the run's current checkpoint through ``export``."""
+    if not (out / "checkpoint.pt").is_file():
+        raise UsageError(f"{out} holds no {what} checkpoint", hint=f"train first: vaepack {command} --data DIR --out RUN")
+    return {"exported": [str(p) for p in export(out)]}
+
+
+def _report_run(res: dict, as_json: bool) -> None:
+    if as_json:
+        emit_json(res)
+    else:
+        note(f"step {res['step']}/{res['steps']} -> {', '.join(res['exported'])}" if "step" in res
+             else f"exported {', '.join(res['exported'])}")
+
+
 def train_da(
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of training images (never the evaluation set)."),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, log, encoder/decoder.safetensors."),
@@ -268,9 +283,7 @@ def train_da(
     if export_only:
         from vaepack.train.da import export_da
 
-        if not (out / "checkpoint.pt").is_file():
-            raise UsageError(f"{out} holds no DA-VAE checkpoint", hint="train first: vaepack train-da --data DIR --out RUN")
-        res = {"exported": [str(p) for p in export_da(out)]}
+        res = _export_checkpoint(out, "DA-VAE", "train-da", export_da)
     else:
         from vaepack.train.config import DATrainConfig
         from vaepack.train.da import run_train_da
@@ -285,17 +298,13 @@ def train_da(
         prog, cb = _train_progress("train-da")
         with prog:
             res = run_train_da(cfg, progress=cb)
-    if as_json:
-        emit_json(res)
-    else:
-        note(f"step {res['step']}/{res['steps']} -> {', '.join(res['exported'])}" if "step" in res
-             else f"exported {', '.join(res['exported'])}")
+    _report_run(res, as_json)
 
 
 def train_qat(
     model: str = typer.Option("default", "--model", help="Manifest model whose part gets an int8-aware copy."),
     part: str = typer.Option("encoder", "--part", help="encoder or decoder."),
-    data: Path = typer.Option(..., "--data", help="Folder of training images (never the evaluation set)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of training images (never the evaluation set)."),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, log, <part>.qat.safetensors, <part>.int8.json."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration JSON with the activation "
                                                "ranges (default: the part's shipped or cached one, else made from --data)."),
@@ -320,21 +329,17 @@ def train_qat(
     if export_only:
         from vaepack.train.qat import export_qat
 
-        if not (out / "checkpoint.pt").is_file():
-            raise UsageError(f"{out} holds no QAT checkpoint", hint="train first: vaepack train-qat --data DIR --out RUN")
-        res = {"exported": [str(p) for p in export_qat(out)]}
+        res = _export_checkpoint(out, "QAT", "train-qat", export_qat)
     else:
         from vaepack.train.config import QATTrainConfig
         from vaepack.train.qat import run_train_qat
 
+        if data is None:
+            raise UsageError("--data is required to train", hint="or pass --export-only")
         cfg = QATTrainConfig(model, part, data, out, calibration=calibration, scale=scale, crop=crop, batch=batch,
                              steps=steps, lr=lr, loss=loss, resume=resume, max_minutes=budget_minutes, seed=seed,
                              threads=threads, device=device, command=command_line())
         prog, cb = _train_progress("train-qat")
         with prog:
             res = run_train_qat(cfg, progress=cb)
-    if as_json:
-        emit_json(res)
-    else:
-        note(f"step {res['step']}/{res['steps']} -> {', '.join(res['exported'])}" if "step" in res
-             else f"exported {', '.join(res['exported'])}")
+    _report_run(res, as_json)
