@@ -13,9 +13,10 @@ set -euo pipefail
 DATA=${DATA:-../shared/data/train}
 DEV=${DEV:-../shared/data/dev}
 RUNS=${RUNS:-runs/qat}
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-200}
+BATCH=${BATCH:-4}
 export VAEPACK_MIRROR=${VAEPACK_MIRROR:-$(cd .. && pwd)/shared/weights}
-COMMON=(--model default --part encoder --data "$DATA" --steps "$STEPS" --batch 8 --crop 128 --scale 1.5 --lr 1e-5
+COMMON=(--model default --part encoder --data "$DATA" --steps "$STEPS" --batch "$BATCH" --crop 128 --scale 1.5 --lr 1e-5
         --threads 1 --resume)
 mkdir -p "$RUNS"
 case "${1:-}" in
@@ -32,9 +33,11 @@ case "${1:-}" in
     rm -rf "$home"
     args=()
     for run in "$RUNS"/mse "$RUNS"/image; do
-      [ -f "$run/encoder.int8.json" ] || continue
+      cal=$(ls "$run"/*-encoder.qat.int8.json 2>/dev/null | head -1)
+      [ -n "$cal" ] || continue
       home=$(mktemp -d)
-      VAEPACK_HOME=$home vaepack export default --part encoder --precision int8 --calibration "$run/encoder.int8.json" >/dev/null
+      VAEPACK_HOME=$home vaepack export default --part encoder --precision int8 --calibration "$cal" \
+        -o "$home/artifacts" >/dev/null
       VAEPACK_HOME=$home vaepack roundtrip "$DEV" --model default --scale 1.5 --dtype int8 --json > "$out/$(basename "$run").json"
       rm -rf "$home"
       args+=("qat-$(basename "$run")=$out/$(basename "$run").json")

@@ -346,7 +346,7 @@ def test_qat_run_exports_weights_the_int8_graph_is_built_from(zoo, photos, tmp_p
     from safetensors.torch import load_file
 
     from vaepack.train.config import QATTrainConfig
-    from vaepack.train.qat import FakeQuantPlan, fake_quantized, run_train_qat
+    from vaepack.train.qat import FakeQuantPlan, fake_quantized, qat_files, run_train_qat
     from vaepack.vae import load_torch_vae
 
     data = tmp_path / "data"
@@ -362,13 +362,13 @@ def test_qat_run_exports_weights_the_int8_graph_is_built_from(zoo, photos, tmp_p
     assert sum(seen[-5:]) / 5 < sum(seen[:5]) / 5, seen
     res = run_train_qat(dataclasses.replace(cfg, steps=32, resume=True))
     assert res["step"] == 32
-    wpath, jpath = tmp_path / "run" / "encoder.qat.safetensors", tmp_path / "run" / "encoder.int8.json"
+    wpath, jpath = (tmp_path / "run" / n for n in qat_files(get_model(zoo["tae"]).id, "encoder"))
     cal = json.loads(jpath.read_text())
     assert cal["method"] == "qat" and cal["qat"]["weights"] == wpath.name
     assert cal["qat"]["weights_sha256"] == W.sha256_file(wpath)
 
     entry = get_model(zoo["tae"])
-    cal = Q.prepare_calibration(entry, "encoder", jpath)  # what `vaepack export --calibration RUN/encoder.int8.json` does
+    cal = Q.prepare_calibration(entry, "encoder", jpath)  # `vaepack export --calibration RUN/...qat.int8.json`
     out = XO.export_onnx(entry, "encoder", tmp_path / "x", precision="int8", calibration=cal, parity_sizes=SIZES)
     sc = json.loads(out.sidecar_path.read_text())
     assert sc["int8"]["qat_weights_sha256"] == cal["qat"]["weights_sha256"]
@@ -394,7 +394,7 @@ def test_qat_run_exports_weights_the_int8_graph_is_built_from(zoo, photos, tmp_p
 
 def test_qat_weights_are_verified(zoo, photos, tmp_path, fresh_home):
     from vaepack.train.config import QATTrainConfig
-    from vaepack.train.qat import run_train_qat
+    from vaepack.train.qat import qat_files, run_train_qat
 
     data = tmp_path / "data"
     data.mkdir()
@@ -402,7 +402,7 @@ def test_qat_weights_are_verified(zoo, photos, tmp_path, fresh_home):
         shutil.copy(p, data / p.name)
     run_train_qat(QATTrainConfig(zoo["tae"], "encoder", data, tmp_path / "run", scale=1.0, crop=32, batch=2, steps=2))
     entry = get_model(zoo["tae"])
-    wpath, jpath = tmp_path / "run" / "encoder.qat.safetensors", tmp_path / "run" / "encoder.int8.json"
+    wpath, jpath = (tmp_path / "run" / n for n in qat_files(entry.id, "encoder"))
     wpath.write_bytes(wpath.read_bytes()[:-8] + b"tampered")
     with pytest.raises(ExportError, match="do not match the sha256"):
         Q.prepare_calibration(entry, "encoder", jpath)

@@ -235,7 +235,7 @@ def qat_weights_path(cal: dict, *near: str | Path | None) -> Path | None:
                                   path=str(p), hint="train again (vaepack train-qat) or restore the file")
             return p
     raise ExportError(f"the int8 calibration needs its quantization-aware weights {name}, which are not beside it",
-                      hint="keep <part>.qat.safetensors next to <part>.int8.json (vaepack train-qat writes both)")
+                      hint="keep MODEL-PART.qat.safetensors next to MODEL-PART.qat.int8.json (vaepack train-qat writes both)")
 
 
 def load_qat_weights(module: nn.Module, cal: dict, *near: str | Path | None) -> nn.Module:

@@ -305,7 +305,7 @@ def train_qat(
     model: str = typer.Option("default", "--model", help="Manifest model whose part gets an int8-aware copy."),
     part: str = typer.Option("encoder", "--part", help="encoder or decoder."),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of training images (never the evaluation set)."),
-    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, log, <part>.qat.safetensors, <part>.int8.json."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, log, MODEL-PART.qat.safetensors and .qat.int8.json."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration JSON with the activation "
                                                "ranges (default: the part's shipped or cached one, else made from --data)."),
     scale: float = typer.Option(1.5, "--scale", help="Remap of the crops before encoding (the model's usual --scale)."),
@@ -323,7 +323,7 @@ def train_qat(
     as_json: bool = JsonOpt,
 ):
     """Quantization-aware fine-tuning: a copy of a model's part that keeps its fp32 outputs under int8
-    arithmetic. Use it with: vaepack export MODEL --part PART --precision int8 --calibration RUN/PART.int8.json"""
+    arithmetic. Use it with: vaepack export MODEL --part PART --precision int8 --calibration RUN/MODEL-PART.qat.int8.json"""
     from vaepack.files import command_line
 
     if export_only:

@@ -13,8 +13,8 @@ math is vaepack.quantize: ``act_qparams``, ``weight_qparams``):
   straight-through estimator (zero outside the clamp range for activations).
 
 The trainer (``vaepack train-qat``) writes two files a user hands to `vaepack export MODEL --part P
---precision int8 --calibration RUN/P.int8.json`: ``P.qat.safetensors`` (the fine-tuned float weights)
-and ``P.int8.json`` (the calibration: the ranges the training used, and a ``qat`` entry naming the
+--precision int8 --calibration RUN/MODEL-P.qat.int8.json`: ``MODEL-P.qat.safetensors`` (the fine-tuned
+float weights) and ``MODEL-P.qat.int8.json`` (the calibration: the ranges the training used, and a ``qat`` entry naming the
 weights file and its sha256). The model's fp32 weights are never replaced: only its int8 graph is
 built from the fine-tuned ones.
 """
@@ -208,7 +208,7 @@ def qat_loss(y: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
 
 def run_train_qat(cfg, progress: Progress | None = None) -> dict:
     """Fine-tune ``cfg.part`` of ``cfg.model`` with fake int8 quantization (vaepack.train.config.
-    QATTrainConfig); exports ``<part>.qat.safetensors`` and ``<part>.int8.json`` into the run folder."""
+    QATTrainConfig); exports the two files of ``qat_files`` into the run folder."""
     from vaepack import quantize as Q
     from vaepack.manifest import get_model
     from vaepack.train.common import (StepLog, Stop, atomic_torch_save, load_images, log, random_crops,
@@ -289,9 +289,15 @@ def run_train_qat(cfg, progress: Progress | None = None) -> dict:
                 "minutes": slog.minutes, **meta}
 
 
+def qat_files(model_id: str, part: str) -> tuple[str, str]:
+    """(weights, calibration) file names of a QAT run of ``model_id``'s ``part``: unique names, so the
+    package can ship them as they are (the calibration names the weights file)."""
+    return f"{model_id}-{part}.qat.safetensors", f"{model_id}-{part}.qat.int8.json"
+
+
 def export_qat(run_dir: str | Path) -> list[Path]:
-    """The run's checkpoint as ``<part>.qat.safetensors`` (fp32: the int8 graph is quantized from
-    exactly these numbers) and ``<part>.int8.json`` (its calibration, naming the weights)."""
+    """The run's checkpoint as ``MODEL-PART.qat.safetensors`` (fp32: the int8 graph is quantized from
+    exactly these numbers) and ``MODEL-PART.qat.int8.json`` (its calibration, naming the weights)."""
     from vaepack import quantize as Q
     from vaepack.files import sha256_file
     from vaepack.train.common import provenance, save_safetensors
@@ -299,7 +305,8 @@ def export_qat(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     c = torch.load(run_dir / "checkpoint.pt", weights_only=False, map_location="cpu")
     m = c["meta"]
-    wpath = run_dir / f"{m['part']}.qat.safetensors"
+    wname, jname = qat_files(m["model"], m["part"])
+    wpath = run_dir / wname
     sd = {k: v.detach().float().contiguous() for k, v in c["student"].items() if not k.endswith("num_batches_tracked")}
     save_safetensors(sd, wpath, provenance(c.get("command"), kind=f"qat-{m['part']}", model=m["model"],
                                            base_weights_sha256=m["weights_sha256"], steps=c["step"]))
@@ -309,10 +316,10 @@ def export_qat(run_dir: str | Path) -> list[Path]:
                    "loss": m["loss"], "lr": m["lr"], "crop": m["crop"], "scale": m["scale"], "data": c.get("data"),
                    "ranges_from": c.get("calibration_source"), "command": c.get("command")},
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    jpath = run_dir / f"{m['part']}.int8.json"
+    jpath = run_dir / jname
     Q.save_calibration(cal, jpath)
     return [wpath, jpath]
 
 
-__all__ = ["FakeQuantPlan", "convs", "export_qat", "fake_quantized", "image_decoder", "part_io", "qat_loss",
-           "run_train_qat"]
+__all__ = ["FakeQuantPlan", "convs", "export_qat", "fake_quantized", "image_decoder", "part_io", "qat_files",
+           "qat_loss", "run_train_qat"]
