@@ -105,15 +105,17 @@ case "${1:-}" in
   export-pruned)
     export_runs "enc-tae:vaepack-enc-tae64:vaepack-f2-enc-p64" "dec-tae:vaepack-dec-w64:vaepack-f2-dec-p64" ;;
   calibrate-int8)
-    # int8 calibration of the default encoder (vaepack/quantize.py; 64 training photos, one random 256 px crop
-    # each at --scale 1.5). Run after export-pruned: a calibration belongs to one set of weights. Then put the
-    # file's sha256 under int8_calibration in weights_manifest.yaml (auto: true only where every dev photo's
-    # round trip stays within 0.1 dB of fp32; the default encoder's does not: benchmarks/results/int8.md).
+    # Post-training int8 calibration of the default encoder (vaepack/quantize.py; 64 training photos, one random
+    # 256 px crop each at --scale 1.5). Run after export-pruned: a calibration belongs to one set of weights.
+    # Its activation ranges start the quantization-aware run that ships (benchmarks/qat.sh train with
+    # CALIBRATION=runs/ptq/vaepack-f2-enc-p64.int8.json; its own dev round trip misses the auto policy:
+    # benchmarks/results/int8.md).
     tmp=$(mktemp -d)
+    mkdir -p runs/ptq
     VAEPACK_HOME="$tmp" vaepack export default --part encoder --precision int8 --calibration "$DATA" \
       --calibration-images 64 --calibration-scale 1.5 -o "$tmp/art"
-    cp "$tmp"/int8/vaepack-f2-p64-encoder-*.json "$OUT/vaepack-f2-enc-p64.int8.json"
-    sha256sum "$OUT/vaepack-f2-enc-p64.int8.json"
+    cp "$tmp"/int8/vaepack-f2-p64-encoder-*.json runs/ptq/vaepack-f2-enc-p64.int8.json
+    sha256sum runs/ptq/vaepack-f2-enc-p64.int8.json
     rm -rf "$tmp" ;;
   encoder)
     # Student encoder: paper-000 width 32, 2x2 space-to-depth stem (see benchmarks/results/distill_defaults.md);

@@ -228,7 +228,9 @@ def test_default_encoder_ships_a_verified_calibration(monkeypatch, tmp_path):
     p = Q.shipped_calibration(entry, "encoder")
     cal, where = Q.find_calibration(entry, "encoder", W.weights_digest(entry, "encoder"))
     assert where == str(p) and cal["model"] == entry.id and len(cal["ranges"]) > 20
-    assert not entry.part("encoder").int8_auto  # per-photo spread too wide for auto (results/int8.md)
+    # quantization-aware weights ship beside it, verified; their dev round trip meets the policy (int8.md)
+    assert cal["method"] == "qat" and Q.qat_weights_path(cal).parent == p.parent
+    assert entry.part("encoder").int8_auto
     # a tampered copy is refused
     fake = tmp_path / "weights"
     fake.mkdir()
@@ -282,23 +284,25 @@ def test_dtype_int8_runs_calibrated_parts_int8_and_says_so(run_cli, dev_photo, t
     p = tmp_path / "crop.png"
     Image.open(dev_photo).convert("RGB").crop((0, 0, 96, 64)).save(p)
     flt = "bf16" if R.cpu_has_native_bf16() else "fp32"
-    # auto does not pick int8 (manifest auto: false) ...
+    # auto picks int8 for the encoder (manifest auto: true: its quantization-aware int8 meets the policy),
+    # the decoder (no calibration) at the float precision ...
     code, out, err = run_cli("roundtrip", p, "--scale", "1.5", "--json")
     assert code == 0, err
-    assert json.loads(out)["runtime"]["encoder"] == {"backend": "openvino", "dtype": flt}
-    # ... --dtype int8 runs the calibrated encoder int8 and the uncalibrated decoder at auto's float
+    assert json.loads(out)["runtime"] == {"encoder": {"backend": "openvino", "dtype": "int8"},
+                                          "decoder": {"backend": "openvino", "dtype": flt}}
+    # ... and so does --dtype int8 (the calibrated encoder int8, the uncalibrated decoder at auto's float
     code, out, err = run_cli("roundtrip", p, "--scale", "1.5", "--dtype", "int8", "--json")
     assert code == 0, err
     assert json.loads(out)["runtime"] == {"encoder": {"backend": "openvino", "dtype": "int8"},
                                           "decoder": {"backend": "openvino", "dtype": flt}}
     assert "decoder has no int8 calibration" in err
-    # a part marked auto: true would run int8 under auto
+    # only a part marked auto: true runs int8 under auto, and only on OpenVINO
     entry = get_model("default")
-    spec = dataclasses.replace(entry.part("encoder"), int8_auto=True)
-    marked = dataclasses.replace(entry, parts={**entry.parts, "encoder": spec})
-    assert R.best_part_precision(marked, "encoder", "openvino", flt) == "int8"
-    assert R.best_part_precision(marked, "encoder", "torch", flt) == flt
-    assert R.best_part_precision(entry, "encoder", "openvino", flt) == flt
+    assert R.best_part_precision(entry, "encoder", "openvino", flt) == "int8"
+    assert R.best_part_precision(entry, "encoder", "torch", flt) == flt
+    spec = dataclasses.replace(entry.part("encoder"), int8_auto=False)
+    unmarked = dataclasses.replace(entry, parts={**entry.parts, "encoder": spec})
+    assert R.best_part_precision(unmarked, "encoder", "openvino", flt) == flt
 
 
 def test_cli_int8_errors_are_one_line(run_cli, dev_photo, tmp_path, clean_error):

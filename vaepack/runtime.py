@@ -186,9 +186,9 @@ def best_cpu_choice(entry=None) -> tuple[str, str]:
 
 def best_part_precision(entry, part: str, backend: str, precision: str) -> str:
     """int8 for a part whose manifest entry ships an int8 calibration marked ``auto: true`` (its dev
-    round trip meets vaepack/policy.py) when the backend is OpenVINO, else ``precision``.
-    No part qualifies yet: the default encoder's int8 round trip is +0.10 dB on average but moves
-    single photos by -0.30 to +0.42 dB (benchmarks/results/int8.md)."""
+    round trip meets vaepack/policy.py) when the backend is OpenVINO, else ``precision``. The default
+    encoder's does (quantization-aware weights: photos -0.18..+0.24 dB; post-training int8 moved them
+    -0.26..+0.43 dB, benchmarks/results/int8.md)."""
     spec = entry.part(part)
     if backend == "openvino" and spec.int8_calibration is not None and spec.int8_auto:
         return "int8"
