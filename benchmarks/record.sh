@@ -52,7 +52,8 @@ PY
         --precision fp32,bf16 --sizes 256,512 --batch 8 --repeat 3 --warmup 1 \
         --json "$OUT/backends-b8-$D.json" --markdown > "$OUT/backends-b8-$D.md" ;;
     int8)
-      # The default encoder int8 (opt-in --dtype int8, shipped calibration) against torch fp32 eager and OpenVINO bf16,
+      # The default encoder int8 (the shipped calibration: auto's choice since the QAT weights) against torch fp32 eager
+      # and OpenVINO bf16,
       # same session, batch 1 and 8; quality is benchmarks/results/int8.md (vaepack roundtrip on the dev set).
       vaepack bench --models default --parts encoder,decoder --backends torch,openvino --precision fp32,bf16,int8 \
         --sizes 256,512 --batch 1,8 --repeat 5 --warmup 2 \
