@@ -238,22 +238,13 @@ def qat_weights_path(cal: dict, *near: str | Path | None) -> Path | None:
                       hint="keep MODEL-PART.qat.safetensors next to MODEL-PART.qat.int8.json (vaepack train-qat writes both)")
 
 
-def load_qat_weights(module: nn.Module, cal: dict, *near: str | Path | None) -> nn.Module:
-    """``module`` itself for a plain calibration, else a copy holding the QAT weights (strict)."""
+def load_qat_weights(entry: ModelEntry, part: str, cal: dict, *near: str | Path | None) -> nn.Module | None:
+    """The part built from the QAT weights ``cal`` names (the loader's strict, shape-checked path), or
+    None for a plain calibration."""
+    from vaepack.loader import load_part_from_files
+
     path = qat_weights_path(cal, *near)
-    if path is None:
-        return module
-    import copy
-
-    from safetensors.torch import load_file
-
-    out = copy.deepcopy(module)
-    try:
-        out.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as e:
-        raise ExportError(f"quantization-aware weights do not fit the model ({str(e).splitlines()[0]})",
-                          path=str(path)) from None
-    return out.eval()
+    return None if path is None else load_part_from_files(entry.part(part), [path], entry.id)
 
 
 def cached_calibration_path(entry: ModelEntry, part: str, digest: str) -> Path:

@@ -138,8 +138,9 @@ def export_onnx(model_id: str | ModelEntry, part: str = "decoder", out_dir: str 
             cal_source = calibration.get("data", {}).get("source") or "given"
         # quantization-aware weights (vaepack train-qat): the int8 graph is built from them, the
         # sidecar keeps the model's own weights hash (the artifact belongs to this model) and names them
-        near = cal_source if str(cal_source).endswith(".json") else None
-        module = net = Q.load_qat_weights(module, calibration, near)
+        qat = Q.load_qat_weights(entry, mpart, calibration, cal_source if str(cal_source).endswith(".json") else None)
+        if qat is not None:
+            module = net = qat
     bn = bn_stats(entry.space, module)
     if part == "eps-step":
         include_convention = False
