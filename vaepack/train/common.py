@@ -234,7 +234,7 @@ def resume_checkpoint(ckpt: Path, meta: dict, device: torch.device, rng: random.
                          hint="use a new --out, or the original options")
     rng.setstate(c["rng"])
     torch.set_rng_state(c["torch_rng"])
-    log.info("resumed from %s at step %d", ckpt, c["step"])
+    log.info("resumed from %s at step %d", ckpt, c["step"] if "step" in c else c["state"]["step"])
     return c
 
 

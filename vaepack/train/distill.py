@@ -30,7 +30,7 @@ from torch import nn
 
 from vaepack.errors import UsageError, VaepackError
 from vaepack.train.common import (Stop, atomic_torch_save, autocast, ema_decay_at, ema_update, export_safetensors,
-                                  file_log, log, provenance)
+                                  file_log, log, provenance, resume_checkpoint)
 from vaepack.train.config import DistillConfig, DistillDecoderConfig, DistillOptions, check_schedule
 from vaepack.train.pool import sample_batch, teacher_pool
 from vaepack.train.warmstart import decoder_student, encoder_student
@@ -127,11 +127,8 @@ def _train(
         matcher = _dm_matcher(cfg, teacher, run_dir, device) if kind == "encoder" else None
         state = TrainState()
         ckpt = run_dir / "checkpoint.pt"
-        if ckpt.exists():
-            c = torch.load(ckpt, weights_only=False, map_location=device)
-            if c["meta"] != student_meta:
-                raise UsageError("checkpoint was made with a different model config", path=str(ckpt),
-                                 hint="use a new run dir, or the original options")
+        c = resume_checkpoint(ckpt, student_meta, device, rng, "model")
+        if c is not None:
             student.load_state_dict(c["student"])
             ema.load_state_dict(c["ema"])
             opt.load_state_dict(c["opt"])
@@ -139,9 +136,6 @@ def _train(
                 matcher.fake.load_state_dict(c["dm_fake"])
                 matcher.opt.load_state_dict(c["dm_opt"])
             state = TrainState(**c["state"])
-            rng.setstate(c["rng"])
-            torch.set_rng_state(c["torch_rng"])
-            log.info("resumed from %s at step %d", ckpt, state.step)
 
         def save():
             atomic_torch_save({"student": student.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
