@@ -21,23 +21,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vaepack.flops import count_macs
-from vaepack.models import student, tae
 from vaepack.train.teachers import load_tae_teacher
+from vaepack.train.warmstart import load_exported
 
 
 def load_safetensors_model(path: str):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(path, "pt") as f:
-        md = f.metadata()
-    cfg = json.loads(md["config"])
-    if md["vaepack_family"] == "student":
-        m = student.build("encoder", student.StudentConfig(**cfg))
-    else:
-        m = tae.build(md["vaepack_part"], tae.TAEConfig(**cfg))
-    m.load_state_dict({k: v.float() for k, v in load_file(path).items()})
-    return m.eval()
+    return load_exported(path)
 
 
 def resize(x, h, w):

@@ -365,3 +365,53 @@ def test_cli_dm_weight_is_for_encoders(tmp_path, run_cli, clean_error):
     assert code != 0
     clean_error(err, "--dm-weight", "encoder")
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------- decoder continuation on a paired encoder's latents
+def test_decoder_learns_from_the_paired_encoder_latents(tmp_path, monkeypatch):
+    data = _images(tmp_path / "data", n=2)
+    enc_file = _run(data, tmp_path / "enc", schedule=[(32, 2)])  # a student encoder export of the teacher's space
+    tdec = tae.build("decoder", tae.TAEConfig(kind="f8", latent_channels=4, width=8, midblock_gn=True)).eval()
+    real = distill.load_exported
+    seen = []
+
+    def spy(path, part):
+        m = real(path, part)
+        m.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].shape[0], out.shape)))
+        return m
+
+    monkeypatch.setattr(distill, "load_exported", spy)
+    kw = dict(width=8, schedule=[(32, 3)], batch=4, warmup=1, threads=1, bf16=False, latent_encoder=enc_file,
+              latent_encoder_frac=0.5)
+    out = _decoder_run(_teacher(), tdec, data, tmp_path / "run", **kw)
+    assert [n for n, _ in seen] == [2, 2, 2]  # half of each batch of 4, every step
+    assert all(s[1] == 4 for _, s in seen)
+    with safe_open(str(out), "pt") as f:
+        md = f.metadata()
+    from vaepack.files import sha256_file
+
+    assert md["latent_encoder_sha256"] == sha256_file(enc_file) and md["latent_encoder_frac"] == "0.5"
+    # resuming the run with another share (or encoder) is a different run
+    with pytest.raises(VaepackError, match="different model config"):
+        _decoder_run(_teacher(), tdec, data, tmp_path / "run", **{**kw, "latent_encoder_frac": 1.0})
+
+
+def test_latent_encoder_errors(tmp_path, run_cli, clean_error):
+    data = _images(tmp_path / "data", n=1)
+    with pytest.raises(UsageError, match="latent-encoder-frac"):
+        DistillDecoderConfig(data_dir=data, out_dir=tmp_path / "r", latent_encoder_frac=0).validate()
+    with pytest.raises(UsageError, match="do not exist"):
+        DistillDecoderConfig(data_dir=data, out_dir=tmp_path / "r", latent_encoder=tmp_path / "no.safetensors").validate()
+    dec = tae.build("decoder", tae.TAEConfig(kind="f8", latent_channels=4, width=8, midblock_gn=True))
+    f = export_safetensors(dec, tmp_path / "dec.safetensors",
+                           {"vaepack_family": "tae", "vaepack_part": "decoder", "config": json.dumps(
+                               {"kind": "f8", "latent_channels": 4, "width": 8, "midblock_gn": True})})
+    from vaepack.train.warmstart import load_exported
+
+    with pytest.raises(UsageError, match="a decoder, not an encoder"):
+        load_exported(f, "encoder")
+    assert load_exported(f, "decoder")(torch.randn(1, 4, 2, 2)).shape == (1, 3, 16, 16)
+    code, _, err = run_cli("distill", "--latent-encoder", f, "--data", data, "--out", tmp_path / "r2")
+    assert code != 0
+    clean_error(err, "--latent-encoder", "decoder")
+    assert not (tmp_path / "r2").exists()

@@ -65,6 +65,11 @@ def distill(
     dm_reference: str = typer.Option("model:taef2", "--dm-reference", help="gaussian, model:ID[@SCALE] (its latents "
                                      "of --data) or a folder of latent files."),
     dm_real_steps: int = typer.Option(2000, "--dm-real-steps", help="Training steps of the frozen real flow."),
+    latent_encoder: Optional[Path] = typer.Option(None, "--latent-encoder", help="Decoder: a frozen encoder "
+                                                  "(.safetensors export) whose latents feed part of each batch: "
+                                                  "the decoder half of a joint continuation."),
+    latent_encoder_frac: float = typer.Option(0.5, "--latent-encoder-frac", help="Decoder: share of each batch "
+                                              "from --latent-encoder (the rest: the teacher's latents)."),
 ):
     """Distill a compact encoder (Chu et al. 2026: Huber beta 0.15, Adam 7.5e-4, 128 then 256 px) or decoder."""
     from dataclasses import replace
@@ -83,9 +88,12 @@ def distill(
                          command=command_line(), budget_minutes=budget_minutes, cache=cache, init=init,
                          views_per_image=views_per_image,
                          **({"dm_weight": dm_weight, "dm_reference": dm_reference, "dm_real_steps": dm_real_steps}
-                            if part == "encoder" else {}))
+                            if part == "encoder" else
+                            {"latent_encoder": latent_encoder, "latent_encoder_frac": latent_encoder_frac}))
     if dm_weight and part != "encoder":
         raise UsageError("--dm-weight shapes an encoder's latent distribution; use it with --part encoder")
+    if latent_encoder is not None and part != "decoder":
+        raise UsageError("--latent-encoder feeds a decoder's training; use it with --part decoder")
     check_resume(out, resume)
     t = load_teacher(teacher, part, device=device, seed=seed, warm_start=cfg.init_from_teacher)
     cfg = replace(cfg, teacher_id=t.id, teacher_config=t.config)  # the manifest states the teacher's config

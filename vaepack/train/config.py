@@ -160,6 +160,24 @@ class DistillDecoderConfig(DistillOptions):
     batch: int = 16
     init_from_teacher: bool = True
     pixel_weight: float = 1.0
+    # The decoder half of a joint continuation (DMVAE trains encoder and decoder together, paper 003):
+    # a frozen encoder of the teacher's space (a vaepack .safetensors, e.g. a distilled or DM-continued
+    # student) supplies the latents of this share of each batch, so the decoder learns the latents that
+    # encoder actually writes (the rest keeps the teacher's, so generated FLUX.2 latents still decode).
+    latent_encoder: Path | None = None
+    latent_encoder_frac: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.latent_encoder = Path(self.latent_encoder) if self.latent_encoder is not None else None
+
+    def validate(self) -> None:
+        if not 0 < self.latent_encoder_frac <= 1:
+            raise UsageError(f"--latent-encoder-frac must be in (0, 1], got {self.latent_encoder_frac}")
+        if self.latent_encoder is not None and not self.latent_encoder.is_file():
+            raise UsageError("the --latent-encoder weights do not exist", path=str(self.latent_encoder),
+                             hint="pass a vaepack encoder .safetensors (a `vaepack distill` export)")
+        super().validate()
 
 
 def distill_config(part: str, *, family: str = "student", pixel_weight: float = 1.0,

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaepack.errors import UsageError, VaepackError
+from vaepack.files import sha256_file
 from vaepack.train.common import (Stop, atomic_torch_save, autocast, ema_decay_at, ema_update, export_safetensors,
                                   file_log, log, provenance, resume_checkpoint)
 from vaepack.train.config import DistillConfig, DistillDecoderConfig, DistillOptions, check_schedule
 from vaepack.train.pool import sample_batch, teacher_pool
-from vaepack.train.warmstart import decoder_student, encoder_student
+from vaepack.train.warmstart import decoder_student, encoder_student, load_exported
 from vaepack.vae import pick_device
 
 HUBER_BETA = 0.15  # paper 000, eq. (1)
@@ -94,6 +95,8 @@ def _train(
     cfg: DistillOptions,
     pixel_weight: float,
     progress: Progress | None,
+    latent_encoder: nn.Module | None = None,
+    latent_encoder_frac: float = 0.0,
 ) -> tuple[nn.Module, TrainState, Path]:
     schedule = check_schedule(cfg.schedule)
     if cfg.batch < 1:
@@ -110,6 +113,8 @@ def _train(
         teacher = teacher.to(device).eval().float()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        if latent_encoder is not None:
+            latent_encoder = latent_encoder.to(device).eval().float().requires_grad_(False)
         if teacher_decoder is not None:
             teacher_decoder = teacher_decoder.to(device).eval().float()
         pool = teacher_pool(teacher=teacher, teacher_decoder=teacher_decoder, data_dir=cfg.data_dir, run_dir=run_dir,
@@ -173,6 +178,10 @@ def _train(
                             matcher.fake_step(out.detach())
                             loss = loss + cfg.dm_weight * matcher.loss(out)
                     else:
+                        if latent_encoder is not None:  # the paired encoder's latents for the first k crops
+                            k = max(1, round(latent_encoder_frac * lat.shape[0]))
+                            with torch.no_grad():
+                                lat = torch.cat([latent_encoder(img[:k]).float(), lat[k:]])
                         if channels_last:
                             lat = lat.contiguous(memory_format=torch.channels_last)
                         out = student(lat).float()
@@ -284,13 +293,25 @@ def run_distill_decoder(teacher_encoder: nn.Module, teacher_decoder: nn.Module, 
     cfg.validate()
     model, arch = decoder_student(teacher_encoder, teacher_decoder, cfg)
     meta = {"family": "tae", "part": "decoder", "config": asdict(arch)}
+    paired = None
+    if cfg.latent_encoder is not None:
+        paired = load_exported(cfg.latent_encoder, "encoder")
+        if paired.cfg.latent_channels != arch.latent_channels:
+            raise UsageError(f"the --latent-encoder writes {paired.cfg.latent_channels} latent channels, the "
+                             f"teacher's space has {arch.latent_channels}", path=str(cfg.latent_encoder),
+                             hint="pass an encoder of the teacher's latent space")
+        # resuming with another encoder or share is refused by the checkpoint's meta check
+        meta["latent_encoder"] = {"sha256": sha256_file(cfg.latent_encoder), "frac": cfg.latent_encoder_frac}
     ema, state, run_dir = _train(kind="decoder", student=model, student_meta=meta, teacher=teacher_encoder,
                                  teacher_decoder=teacher_decoder, cfg=cfg, pixel_weight=cfg.pixel_weight,
-                                 progress=progress)
+                                 progress=progress, latent_encoder=paired, latent_encoder_frac=cfg.latent_encoder_frac)
     if not state.finished:
         return run_dir / "checkpoint.pt"
     md = _provenance(cfg.teacher_id, cfg.data_dir, cfg.schedule, state, cfg.batch, cfg.command, "tae", "decoder",
                      asdict(arch))
+    if paired is not None:
+        md.update(latent_encoder=cfg.latent_encoder.name, latent_encoder_sha256=meta["latent_encoder"]["sha256"],
+                  latent_encoder_frac=str(cfg.latent_encoder_frac))
     out = ema.float().cpu().to(memory_format=torch.contiguous_format)
     return export_safetensors(out, run_dir / (cfg.export_name or f"vaepack-dec-w{cfg.width}.safetensors"), md)
 

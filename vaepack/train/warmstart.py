@@ -142,6 +142,39 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> None:
                          "(their metadata 'config' field)") from None
 
 
+def load_exported(path: str | os.PathLike, part: str | None = None) -> nn.Module:
+    """A model from a vaepack-written .safetensors (a `vaepack distill` export or a shipped default):
+    architecture from its metadata (``vaepack_family``, ``vaepack_part``, ``config``), weights strict.
+    ``part`` is the part the caller needs (None: either); another part is a one-line error naming the file."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    from vaepack.models import student as sfam
+
+    path = Path(path)
+    if not path.is_file():
+        raise VaepackError("weights not found", path=str(path), hint="pass an existing vaepack .safetensors")
+    try:
+        with safe_open(str(path), "pt") as f:
+            md = f.metadata() or {}
+        family, got, cfg = md.get("vaepack_family"), md.get("vaepack_part"), json.loads(md.get("config") or "null")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VaepackError(f"cannot read weights ({e})", path=str(path), hint="pass a vaepack .safetensors") from None
+    if family not in ("student", "tae") or not isinstance(cfg, dict):
+        raise UsageError("not a vaepack export (no vaepack_family/config metadata)", path=str(path),
+                         hint="pass a file written by `vaepack distill` or shipped in vaepack/weights")
+    if got not in ("encoder", "decoder") or (part is not None and got != part):
+        raise UsageError(f"these weights are a {got}, not an {part}" if part == "encoder" else f"these weights are a {got}, not a {part}", path=str(path), hint=f"pass a {part}")
+    try:
+        model = (sfam.build(got, sfam.StudentConfig(**cfg)) if family == "student"
+                 else tae.build(got, tae.TAEConfig(**cfg)))
+    except TypeError as e:
+        raise UsageError(f"the metadata config does not fit the {family} family ({e})", path=str(path)) from None
+    load_init(model, path)
+    return model.eval()
+
+
 def calibration_batch(data_dir, seed: int, n: int = 32, crop: int = 128) -> torch.Tensor:
     """Random crops (``crop`` px, or the smallest image side if less) of up to ``n`` training images:
     the BatchNorm statistics of a warm start."""
