@@ -296,8 +296,9 @@ def run_distill_decoder(teacher_encoder: nn.Module, teacher_decoder: nn.Module, 
     paired = None
     if cfg.latent_encoder is not None:
         paired = load_exported(cfg.latent_encoder, "encoder")
-        if paired.cfg.latent_channels != arch.latent_channels:
-            raise UsageError(f"the --latent-encoder writes {paired.cfg.latent_channels} latent channels, the "
+        writes = [m for m in paired.modules() if isinstance(m, nn.Conv2d)][-1].out_channels  # its output conv
+        if writes != arch.latent_channels:
+            raise UsageError(f"the --latent-encoder writes {writes} latent channels, the "
                              f"teacher's space has {arch.latent_channels}", path=str(cfg.latent_encoder),
                              hint="pass an encoder of the teacher's latent space")
         # resuming with another encoder or share is refused by the checkpoint's meta check
