@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train vaepack's embedded FLUX.2-space models by distilling TAEF2.
 #
-#   usage: benchmarks/train_defaults.sh pruned-encoder|pruned-decoder|export-pruned|calibrate-int8   (the default, vaepack-f2-p64)
+#   usage: benchmarks/train_defaults.sh pruned-encoder|pruned-decoder|export-pruned|joint-decoder|export-joint|calibrate-int8
+#          (the default, vaepack-f2-p64)
 #          benchmarks/train_defaults.sh encoder|decoder|export                        (the paper-000 student, vaepack-f2-s32)
 #
 # The default (generation 3, vaepack-f2-p64) is TAEF2 itself, depth-pruned and distilled back
@@ -102,8 +103,17 @@ case "${1:-}" in
       --config '{"blocks": [3, 2, 1, 1]}' --views-per-image 2 --cache "$CACHE" \
       --schedule 128:40000,256:6000 --batch 8 --pixel-weight 1.0 --lr 2e-4 --budget-minutes "${DEC_BUDGET:-90}" \
       --threads "$THREADS" --ckpt-every 100 --resume ${EXTRA:-} ;;
-  export-pruned)
-    export_runs "enc-tae:vaepack-enc-tae64:vaepack-f2-enc-p64" "dec-tae:vaepack-dec-w64:vaepack-f2-dec-p64" ;;
+  export-pruned)   # the encoder ships as is; the generation-3 decoder is the start of joint-decoder
+    export_runs "enc-tae:vaepack-enc-tae64:vaepack-f2-enc-p64"
+    OUT="$RUNS" export_runs "dec-tae:vaepack-dec-w64:dec-tae-gen3" ;;
+  joint-decoder)   # generation 3b: the decoder continued where half of each batch is the shipped encoder's latents
+    # (--latent-encoder), so it learns what that encoder writes at --scale 1.5 (benchmarks/results/distill_defaults.md)
+    vaepack distill --part decoder --teacher taef2 --data "$DATA" --out "$RUNS/dec-joint" --width 64 \
+      --config '{"blocks": [3, 2, 1, 1]}' --init "$RUNS/dec-tae-gen3.safetensors" --views-per-image 2 --cache "$CACHE" \
+      --schedule 128:1000 --batch 8 --pixel-weight 1.0 --lr 1e-4 --threads "$THREADS" --ckpt-every 100 \
+      --latent-encoder "$OUT/vaepack-f2-enc-p64.safetensors" --latent-encoder-frac 0.5 --resume ${EXTRA:-} ;;
+  export-joint)
+    export_runs "dec-joint:vaepack-dec-w64:vaepack-f2-dec-p64v2" ;;
   calibrate-int8)
     # Post-training int8 calibration of the default encoder (vaepack/quantize.py; 64 training photos, one random
     # 256 px crop each at --scale 1.5). Run after export-pruned: a calibration belongs to one set of weights.
@@ -139,5 +149,5 @@ case "${1:-}" in
     init_copy vaepack-f2-dec-w32.safetensors >/dev/null
     # Only the encoder: add "dec3:vaepack-dec-w32:vaepack-f2-dec-w32" once a decoder run beats the shipped one.
     export_runs "enc3:vaepack-enc-s32:vaepack-f2-enc-s32" ;;
-  *) echo "usage: $0 pruned-encoder|pruned-decoder|export-pruned|calibrate-int8|encoder|decoder|export" >&2; exit 2 ;;
+  *) echo "usage: $0 pruned-encoder|pruned-decoder|export-pruned|joint-decoder|export-joint|calibrate-int8|encoder|decoder|export" >&2; exit 2 ;;
 esac
