@@ -12,7 +12,7 @@ For each encoder (``NAME=PATH.safetensors``, e.g. the shipped default and `vaepa
   and seed for every row) trained on the encoder's latents of ``--data`` at ``--scale``, scored on ``--heldout``.
 
     python benchmarks/dmvae.py --encoder default=vaepack/weights/vaepack-f2-enc-p64.safetensors \\
-        --encoder none=runs/dmv/none/encoder.safetensors ... --decoder vaepack/weights/vaepack-f2-dec-p64.safetensors \\
+        --encoder none=runs/dmv/none/vaepack-enc-tae64.safetensors ... --decoder vaepack/weights/vaepack-f2-dec-p64v2.safetensors \\
         --data ../shared/data/train --heldout ../shared/data/dev --scale 1.5 --steps 600 --threads 1 --json out.json
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -31,12 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_defaults import load_safetensors_model, psnr, resize, roundtrip, ssim  # noqa: E402  (one home)
 
 
+def crop8(img: torch.Tensor) -> torch.Tensor:
+    """A uint8 (3, H, W) photo as a [0, 1] batch of one, cropped to a multiple of 8 px (eval_defaults' protocol)."""
+    return img[None, :, : img.shape[-2] // 8 * 8, : img.shape[-1] // 8 * 8].float() / 255
+
+
 @torch.inference_mode()
 def encode_all(enc, images, scale: float) -> list[torch.Tensor]:
     """Latents of uint8 photos cropped to a multiple of 8 px, resized by ``scale`` as roundtrip() does."""
     out = []
     for _, img in images:
-        x = img[None, :, : img.shape[-2] // 8 * 8, : img.shape[-1] // 8 * 8].float() / 255
+        x = crop8(img)
         H, W = x.shape[-2:]
         h, w = int(round(H * scale / 8)) * 8, int(round(W * scale / 8)) * 8
         out.append(enc(resize(x, h, w).clamp(0, 1))[0].float())
@@ -47,7 +53,7 @@ def encode_all(enc, images, scale: float) -> list[torch.Tensor]:
 def reconstruction(enc, dec, images, scale: float) -> dict:
     ps, ss = [], []
     for _, img in images:
-        x = img[None, :, : img.shape[-2] // 8 * 8, : img.shape[-1] // 8 * 8].float() / 255
+        x = crop8(img)
         y = roundtrip(enc, dec, x, scale)
         ps.append(psnr(y, x))
         ss.append(ssim(y, x))
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
     from vaepack.train.common import load_images, training_images
     from vaepack.train.teachers import load_tae_teacher
 
-    mirror = Path(__import__("os").environ.get("VAEPACK_MIRROR", "../shared/weights"))
+    mirror = Path(os.environ.get("VAEPACK_MIRROR", "../shared/weights"))
     t_enc = load_tae_teacher(a.taef2_encoder or str(mirror / "taef2_encoder.pth"), "encoder")
     t_dec = (load_tae_teacher(a.taef2_decoder or str(mirror / "taef2_decoder.pth"), "decoder")
              if a.taef2_decoder_recon else None)
