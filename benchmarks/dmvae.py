@@ -12,7 +12,7 @@ For each encoder (``NAME=PATH.safetensors``, e.g. the shipped default and `vaepa
   and seed for every row) trained on the encoder's latents of ``--data`` at ``--scale``, scored on ``--heldout``.
 
     python benchmarks/dmvae.py --encoder default=vaepack/weights/vaepack-f2-enc-p64.safetensors \\
-        --encoder none=runs/dmv/none/vaepack-enc-tae64.safetensors ... --decoder vaepack/weights/vaepack-f2-dec-p64v2.safetensors \\
+        --encoder none=runs/dmv/none/vaepack-enc-tae64.safetensors ... --decoder vaepack/weights/vaepack-f2-dec-p64v3.safetensors \\
         --data ../shared/data/train --heldout ../shared/data/dev --scale 1.5 --steps 600 --threads 1 --json out.json
 """
 

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("fp32", type=Path)
-    ap.add_argument("candidates", nargs="+", help="label=roundtrip.json")
+    ap.add_argument("candidates", nargs="+", help="label=roundtrip.json (or a bare path)")
     a = ap.parse_args(argv)
     names, ref, _ = psnrs(a.fp32)
     mean_ref = sum(ref) / len(ref)
@@ -30,7 +30,9 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|---|")
     print(f"| fp32 (reference) | {mean_ref:.3f} | - | - | - | - | - |")
     for c in a.candidates:
-        label, _, path = c.partition("=")
+        label, sep, path = c.partition("=")
+        if not sep:  # a bare path: label the row with the file name
+            label, path = Path(c).stem, c
         n2, cand, _ = psnrs(Path(path))
         if n2 != names:
             raise SystemExit(f"{path}: not the same photos as {a.fp32}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train vaepack's embedded FLUX.2-space models by distilling TAEF2.
 #
-#   usage: benchmarks/train_defaults.sh pruned-encoder|pruned-decoder|export-pruned|joint-decoder|export-joint|calibrate-int8
+#   usage: benchmarks/train_defaults.sh pruned-encoder|pruned-decoder|export-pruned|joint-decoder|joint-decoder2|export-joint|calibrate-int8
 #          (the default, vaepack-f2-p64)
 #          benchmarks/train_defaults.sh encoder|decoder|export                        (the paper-000 student, vaepack-f2-s32)
 #
@@ -112,8 +112,14 @@ case "${1:-}" in
       --config '{"blocks": [3, 2, 1, 1]}' --init "$RUNS/dec-tae-gen3.safetensors" --views-per-image 2 --cache "$CACHE" \
       --schedule 128:1000 --batch 8 --pixel-weight 1.0 --lr 1e-4 --threads "$THREADS" --ckpt-every 100 \
       --latent-encoder "$OUT/vaepack-f2-enc-p64.safetensors" --latent-encoder-frac 0.5 --resume ${EXTRA:-} ;;
+  joint-decoder2)  # generation 3c (shipped): from 3b (the finished joint-decoder run), 3/4 of each batch from the
+    # encoder, a third of the lr (3b's own continuation at lr 1e-4, F 0.5 lost PSNR; distill_defaults.md)
+    vaepack distill --part decoder --teacher taef2 --data "$DATA" --out "$RUNS/dec-joint2" --width 64 \
+      --config '{"blocks": [3, 2, 1, 1]}' --init "$RUNS/dec-joint/vaepack-dec-w64.safetensors" --views-per-image 2 \
+      --cache "$CACHE" --schedule 128:800 --batch 8 --pixel-weight 1.0 --lr 3e-5 --threads "$THREADS" --ckpt-every 100 \
+      --latent-encoder "$OUT/vaepack-f2-enc-p64.safetensors" --latent-encoder-frac 0.75 --resume ${EXTRA:-} ;;
   export-joint)
-    export_runs "dec-joint:vaepack-dec-w64:vaepack-f2-dec-p64v2" ;;
+    export_runs "dec-joint2:vaepack-dec-w64:vaepack-f2-dec-p64v3" ;;
   calibrate-int8)
     # Post-training int8 calibration of the default encoder (vaepack/quantize.py; 64 training photos, one random
     # 256 px crop each at --scale 1.5). Run after export-pruned: a calibration belongs to one set of weights.
@@ -149,5 +155,5 @@ case "${1:-}" in
     init_copy vaepack-f2-dec-w32.safetensors >/dev/null
     # Only the encoder: add "dec3:vaepack-dec-w32:vaepack-f2-dec-w32" once a decoder run beats the shipped one.
     export_runs "enc3:vaepack-enc-s32:vaepack-f2-enc-s32" ;;
-  *) echo "usage: $0 pruned-encoder|pruned-decoder|export-pruned|joint-decoder|export-joint|calibrate-int8|encoder|decoder|export" >&2; exit 2 ;;
+  *) echo "usage: $0 pruned-encoder|pruned-decoder|export-pruned|joint-decoder|joint-decoder2|export-joint|calibrate-int8|encoder|decoder|export" >&2; exit 2 ;;
 esac
