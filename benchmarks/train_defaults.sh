@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train vaepack's embedded FLUX.2-space models by distilling TAEF2.
 #
-#   usage: benchmarks/train_defaults.sh pruned-encoder|pruned-decoder|export-pruned|joint-decoder|joint-decoder2|export-joint|calibrate-int8
+#   usage: benchmarks/train_defaults.sh pruned-encoder|pruned-decoder|export-pruned|joint-decoder|joint-decoder2|export-joint|calibrate-int8|calibrate-int8-decoder
 #          (the default, vaepack-f2-p64)
 #          benchmarks/train_defaults.sh encoder|decoder|export                        (the paper-000 student, vaepack-f2-s32)
 #
@@ -133,6 +133,16 @@ case "${1:-}" in
     cp "$tmp"/int8/vaepack-f2-p64-encoder-*.json runs/ptq/vaepack-f2-enc-p64.int8.json
     sha256sum runs/ptq/vaepack-f2-enc-p64.int8.json
     rm -rf "$tmp" ;;
+  calibrate-int8-decoder)
+    # The decoder's int8 calibration that ships (vaepack/weights/vaepack-f2-p64-decoder.int8.json, auto: false):
+    # post-training, 64 training crops at 1.5x through the default encoder, the 4 Convs whose int8 error is
+    # largest kept float (--keep-float; benchmarks/results/int8.md). Run after export-joint.
+    tmp=$(mktemp -d)
+    VAEPACK_HOME="$tmp" vaepack export default --part decoder --precision int8 --calibration "$DATA" \
+      --calibration-images 64 --calibration-scale 1.5 --keep-float 4 -o "$tmp/art"
+    cp "$tmp"/int8/vaepack-f2-p64-decoder-*.json "$OUT/vaepack-f2-p64-decoder.int8.json"
+    sha256sum "$OUT/vaepack-f2-p64-decoder.int8.json"
+    rm -rf "$tmp" ;;
   encoder)
     # Student encoder: paper-000 width 32, 2x2 space-to-depth stem (see benchmarks/results/distill_defaults.md);
     # the folded first generation is unfolded back to BatchNorm (statistics from training crops) and continued.
@@ -155,5 +165,5 @@ case "${1:-}" in
     init_copy vaepack-f2-dec-w32.safetensors >/dev/null
     # Only the encoder: add "dec3:vaepack-dec-w32:vaepack-f2-dec-w32" once a decoder run beats the shipped one.
     export_runs "enc3:vaepack-enc-s32:vaepack-f2-enc-s32" ;;
-  *) echo "usage: $0 pruned-encoder|pruned-decoder|export-pruned|joint-decoder|joint-decoder2|export-joint|calibrate-int8|encoder|decoder|export" >&2; exit 2 ;;
+  *) echo "usage: $0 pruned-encoder|pruned-decoder|export-pruned|joint-decoder|joint-decoder2|export-joint|calibrate-int8|calibrate-int8-decoder|encoder|decoder|export" >&2; exit 2 ;;
 esac

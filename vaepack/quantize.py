@@ -33,13 +33,15 @@ import hashlib
 import json
 import logging
 import random
+import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from vaepack import __version__
 from vaepack import pipeline as P
@@ -58,6 +60,7 @@ CALIBRATION_VERSION = "1"
 DEFAULT_CROP = 256
 DEFAULT_IMAGES = 64
 MIN_IMAGES = 4
+SENSITIVITY_IMAGES = 6  # crops the per-Conv sensitivity is measured on (one forward pass per Conv each)
 
 
 # --------------------------------------------------------------------------- the int8 math (one place)
@@ -78,7 +81,8 @@ def weight_qparams(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- calibration
-def _convs(module: nn.Module) -> dict[str, nn.Conv2d]:
+def convs(module: nn.Module) -> dict[str, nn.Conv2d]:
+    """The Conv2d modules by name: what the int8 export quantizes (matched to graph nodes by weights)."""
     return {n: m for n, m in module.named_modules() if isinstance(m, nn.Conv2d)}
 
 
@@ -105,7 +109,8 @@ def _crops(paths: list[Path], crop: int, count: int, seed: int) -> list[tuple[st
 
 
 def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float = 1.5, crop: int = DEFAULT_CROP,
-              count: int = DEFAULT_IMAGES, seed: int = 0, source: str = "") -> dict[str, Any]:
+              count: int = DEFAULT_IMAGES, seed: int = 0, source: str = "", keep_float: int = 0,
+              sensitivity_images: int = SENSITIVITY_IMAGES) -> dict[str, Any]:
     """Calibration record for ``entry``'s ``part`` from random crops of ``images`` (see the module
     docstring). ``scale``: the remap the pipeline applies before encoding (the default model is
     used at 1.5x); the decoder sees the encoder's latents of the same remapped crops.
@@ -116,7 +121,12 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
     26%), decoder round trip 29.249 vs 29.252 dB; most of the error comes from the int8 weights
     (weights alone: 7.7%), so it was not kept. Neither was keeping the Convs float whose int8 moved
     the latents most (the stem and first H/2 conv of the default encoder): the latent error halved but
-    the dev round trip's per-image spread grew from 0.17 to 0.41 dB (benchmarks/results/int8.md)."""
+    the dev round trip's per-image spread grew from 0.17 to 0.41 dB (benchmarks/results/int8.md).
+
+    ``keep_float`` > 0: the ``keep_float`` Convs whose int8 error is largest (``conv_sensitivity`` on the
+    first ``sensitivity_images`` crops) get no range, so the export leaves them float. On the default
+    decoder four small Convs (3 % of its MACs) hold a third of the int8 error: keeping them float moves the
+    dev round trip from -0.21 to -0.14 dB vs fp32 and keeps most of int8's speed-up (benchmarks/results/int8.md)."""
     if part not in ("encoder", "decoder"):
         raise UsageError(f"int8 covers encoders and decoders, not '{part}'")
     crops = _crops(list(images), crop, count, seed)
@@ -146,7 +156,7 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
         r[0], r[1] = min(r[0], lo), max(r[1], hi)
 
     handles = [m.register_forward_pre_hook(lambda _m, args, n=n: minmax(n, args[0].detach()))
-               for n, m in _convs(module).items()]
+               for n, m in convs(module).items()]
     try:
         with torch.no_grad():
             for x in inputs:
@@ -154,6 +164,25 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
     finally:
         for h in handles:
             h.remove()
+    seconds = time.time() - t0
+    extra: dict[str, Any] = {}
+    if keep_float > 0:
+        t1 = time.time()
+        xs = [_module_input(module, run, x) for x in inputs[:max(1, sensitivity_images)]]
+        sens = conv_sensitivity(module, xs, ranges)
+        # Not a Conv that reads another Conv's output directly: OpenVINO 2026.4 miscomputes an int8 Conv
+        # whose output feeds a float Conv and a float Add (the default decoder's first block conv kept
+        # float: dev round trip 11.4 dB; onnxruntime ran the same graph right, parity passed).
+        producer = FakeQuantPlan(module, xs[0], ranges).producer
+        conv_names = set(convs(module))
+        eligible = [n for n in sens if producer.get(n) not in conv_names]
+        kept = sorted(eligible, key=sens.get, reverse=True)[:keep_float]
+        for n in kept:
+            ranges.pop(n)
+        extra = {"float_convs": kept, "sensitivity": {k: float(f"{v:.4g}") for k, v in sorted(sens.items())},
+                 "sensitivity_images": min(len(inputs), max(1, sensitivity_images))}
+        seconds += time.time() - t1
+        log.info("int8 calibration keeps %s float (largest int8 error)", ", ".join(kept))
     return {
         "format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION,
         "model": entry.id, "part": part, "weights_sha256": weights_digest(entry, part),
@@ -162,13 +191,25 @@ def calibrate(entry: ModelEntry, part: str, images: list[Path], *, scale: float 
         "data": {"source": source, "images": len(crops), "crop": crop, "scale": scale, "seed": seed,
                  "files": [n for n, _ in crops]},
         "ranges": {k: [round(v[0], 6), round(v[1], 6)] for k, v in sorted(ranges.items())},
-        "seconds": round(time.time() - t0, 1), "vaepack": __version__,
+        **extra, "seconds": round(seconds, 1), "vaepack": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
+def _module_input(module: nn.Module, run, x: torch.Tensor) -> torch.Tensor:
+    """What ``run(x)`` (the VAE part call: convention, padding) hands to ``module``."""
+    box: list[torch.Tensor] = []
+    h = module.register_forward_pre_hook(lambda _m, args: box.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            run(x)
+    finally:
+        h.remove()
+    return box[0]
+
+
 def prepare_calibration(entry: ModelEntry, part: str, source: str | Path | None, *, count: int = DEFAULT_IMAGES,
-                        scale: float = 1.5, crop: int = DEFAULT_CROP) -> dict | None:
+                        scale: float = 1.5, crop: int = DEFAULT_CROP, keep_float: int = 0) -> dict | None:
     """``vaepack export --precision int8 --calibration SOURCE``: SOURCE is a calibration JSON (checked
     against the current weights) or images (a folder, files or globs) to calibrate on. Either way the
     result is also stored in <cache>/int8/ so that runtimes find it later. None: nothing to prepare
@@ -186,7 +227,8 @@ def prepare_calibration(entry: ModelEntry, part: str, source: str | Path | None,
             atomic_write_bytes(dest.parent / qat.name, qat.read_bytes())
     else:
         images = expand_inputs([str(source)])
-        cal = calibrate(entry, part, images, scale=scale, crop=crop, count=count, source=str(source))
+        cal = calibrate(entry, part, images, scale=scale, crop=crop, count=count, source=str(source),
+                        keep_float=keep_float)
     save_calibration(cal, dest)
     return cal
 
@@ -299,6 +341,136 @@ def load_calibration(path: str | Path, entry: ModelEntry, part: str, digest: str
     return check_calibration(cal, str(path), entry, part, digest)
 
 
+# --------------------------------------------------------------------------- fake quantization
+# The export's int8 arithmetic simulated in torch: quantization-aware training (vaepack.train.qat) trains
+# under it, and ``conv_sensitivity`` measures with it which Convs int8 hurts most.
+
+class _WeightFakeQuant(nn.Module):
+    """Parametrization of a Conv weight: symmetric int8 per output channel (``weight_qparams``)."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        absmax = w.detach().abs().flatten(1).amax(1)
+        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax)).float()
+        zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+        return torch.fake_quantize_per_channel_affine(w.float(), scale, zp, 0, -127, 127).to(w.dtype)
+
+
+class FakeQuantPlan:
+    """Where the export puts each activation Quantize/Dequantize pair, found by tracing one forward pass
+    on ``example``: the export quantizes a Conv's input tensor once, right after it is produced, for
+    *every* reader (a skip connection included) with the union of the ranges of the Convs that read it
+    (vaepack.quantize.quantize_model). So the fake quantization goes on the output of the module call
+    that produced the tensor (a module called twice is told apart by call order), or on the model's
+    input; only a tensor made by a functional op falls back to the Conv's own input (its other
+    readers, if any, then see float values: the one known difference to the graph)."""
+
+    @torch.no_grad()
+    def __init__(self, module: nn.Module, example: torch.Tensor, ranges: dict[str, list[float]]):
+        missing = [n for n in ranges if n not in convs(module)]
+        if missing:
+            raise UsageError(f"the calibration names Convs the model does not have: {', '.join(missing[:3])}",
+                             hint="calibrate this model's weights (vaepack export --precision int8 --calibration DIR)")
+        made: dict[int, tuple] = {}  # id(tensor) -> ("input",) | ("output", module name, call index)
+        readers: dict[int, list[str]] = {}
+        keep: list[torch.Tensor] = []  # referenced until the pass ends, so ids are not reused
+        calls: dict[str, int] = {}
+        def root_hook(_m, args):  # (a pre-hook that returns something replaces the arguments)
+            made.setdefault(id(args[0]), ("input",))
+
+        handles = [module.register_forward_pre_hook(root_hook)]
+        for name, m in module.named_modules():
+            if name and not list(m.children()):
+                def out_hook(_m, _args, out, name=name):
+                    i = calls[name] = calls.get(name, -1) + 1
+                    if torch.is_tensor(out):
+                        keep.append(out)
+                        made.setdefault(id(out), ("output", name, i))
+                handles.append(m.register_forward_hook(out_hook))
+            if name in ranges:
+                def in_hook(_m, args, name=name):
+                    keep.append(args[0])
+                    readers.setdefault(id(args[0]), []).append(name)
+                handles.append(m.register_forward_pre_hook(in_hook))
+        try:
+            module(example)
+        finally:
+            for h in handles:
+                h.remove()
+        self.ranges: dict[str, list[float]] = {}  # per Conv, unions applied (what the export uses)
+        self.at_input: tuple[float, int] | None = None
+        self.at_output: dict[tuple[str, int], tuple[float, int]] = {}
+        self.at_conv: dict[str, tuple[float, int]] = {}
+        self.producer: dict[str, str | None] = {}  # per Conv: the module whose output it reads (None: input/functional)
+        for tid, names in readers.items():
+            rng = [min(ranges[n][0] for n in names), max(ranges[n][1] for n in names)]
+            q = act_qparams(rng)
+            for n in names:
+                self.ranges[n] = rng
+            where = made.get(tid)
+            self.producer.update({n: where[1] if where and where[0] == "output" else None for n in names})
+            if where == ("input",):
+                self.at_input = q
+            elif where is not None:
+                self.at_output[where[1:]] = q
+            else:
+                self.at_conv.update({n: q for n in names})
+        self.convs = sorted(self.ranges)
+
+
+def _fq(x: torch.Tensor, q: tuple[float, int]) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x.float(), q[0], q[1], 0, 255).to(x.dtype)
+
+
+@contextlib.contextmanager
+def fake_quantized(module: nn.Module, plan: FakeQuantPlan) -> Iterator[nn.Module]:
+    """Within the block, ``module`` computes with the int8 arithmetic of its QDQ export (``plan``:
+    activations; every calibrated Conv's weights per output channel); afterwards the module is plain
+    again, its (trained) float weights under the original state-dict keys. Convs without a range
+    stay float, as in the export."""
+    handles, wrapped = [], []
+    calls: dict[str, int] = {}
+    mods = dict(module.named_modules())
+
+    def reset(_m, args):
+        calls.clear()
+        return (_fq(args[0], plan.at_input), *args[1:]) if plan.at_input else None
+
+    try:
+        handles.append(module.register_forward_pre_hook(reset))
+        for name in {n for n, _ in plan.at_output}:
+            def out_hook(_m, _args, out, name=name):
+                i = calls[name] = calls.get(name, -1) + 1
+                q = plan.at_output.get((name, i))
+                return _fq(out, q) if q else None
+            handles.append(mods[name].register_forward_hook(out_hook))
+        for name, q in plan.at_conv.items():
+            handles.append(mods[name].register_forward_pre_hook(lambda _m, args, q=q: (_fq(args[0], q), *args[1:])))
+        for name in plan.convs:
+            parametrize.register_parametrization(mods[name], "weight", _WeightFakeQuant())
+            wrapped.append(mods[name])
+        yield module
+    finally:
+        for h in handles:
+            h.remove()
+        for conv in wrapped:
+            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=False)
+
+
+@torch.no_grad()
+def conv_sensitivity(module: nn.Module, inputs: list[torch.Tensor], ranges: dict[str, list[float]]) -> dict[str, float]:
+    """Per calibrated Conv: the mean squared error ``module``'s output gets when only that Conv runs
+    int8 (its weights and its input tensor, as the export would; ``FakeQuantPlan``), relative to the
+    error with every calibrated Conv int8. Large = keeping that Conv float removes much of the error."""
+    ref = [module(x) for x in inputs]
+
+    def err(rng: dict[str, list[float]]) -> float:
+        with fake_quantized(module, FakeQuantPlan(module, inputs[0], rng)):
+            return sum(float(torch.mean((module(x) - r) ** 2)) for x, r in zip(inputs, ref)) / len(inputs)
+
+    total = max(err(ranges), 1e-30)
+    return {n: err({n: ranges[n]}) / total for n in ranges}
+
+
 # --------------------------------------------------------------------------- QDQ rewrite
 def _weight_key(w: np.ndarray) -> tuple:
     return (w.shape, hashlib.sha1(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest())
@@ -329,7 +501,7 @@ def quantize_model(model, module: nn.Module, cal: dict):
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    by_weight = {_weight_key(m.weight.detach().float().numpy()): n for n, m in _convs(module).items()}
+    by_weight = {_weight_key(m.weight.detach().float().numpy()): n for n, m in convs(module).items()}
     ranges = cal["ranges"]
     uses: dict[str, int] = {}
     for node in g.node:
@@ -396,7 +568,8 @@ def quantize_model(model, module: nn.Module, cal: dict):
 
 
 __all__ = [
-    "CALIBRATION_FORMAT", "act_qparams", "cached_calibration_path", "calibrate", "calibration_sha256",
+    "CALIBRATION_FORMAT", "FakeQuantPlan", "act_qparams", "cached_calibration_path", "calibrate", "calibration_sha256",
+    "conv_sensitivity", "convs", "fake_quantized",
     "check_calibration", "find_calibration", "has_calibration", "load_calibration", "load_qat_weights",
     "prepare_calibration", "qat_weights_path", "quantize_model", "save_calibration", "shipped_calibration",
     "weight_qparams",

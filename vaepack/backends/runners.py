@@ -11,7 +11,8 @@ vaepack/latents.py (``artifacts.graph_pre`` / ``graph_post``).
   per artifact for the process.
 - openvino: fp32, bf16 (``INFERENCE_PRECISION_HINT`` on the fp32 graph), int8 (the QDQ graph, the
   float ops left in it run fp32: a bf16 hint measured slower, 65.7 vs 62.3 ms, on the default encoder at
-  512 px); compiled models cached on disk (``CACHE_DIR`` = <cache>/openvino) and per process.
+  512 px; ``float_hint="bf16"`` for a graph that keeps Convs float, where bf16 measured faster);
+  compiled models cached on disk (``CACHE_DIR`` = <cache>/openvino) and per process.
 - tensorrt: fp32, fp16, bf16 engines built from the export with a named profile (export/profiles);
   inputs outside the profile are refused before running.
 Outputs are on the backend's device: CPU for onnxruntime/openvino, CUDA for tensorrt, the VAE's
@@ -236,7 +237,10 @@ class OpenVINORunner(_GraphRunner):
     backend = "openvino"
 
     def __init__(self, onnx_path: str | Path, sc: dict, precision: str = "fp32", *, threads: int | None = None,
-                 cache: bool = True):
+                 cache: bool = True, float_hint: str = "fp32"):
+        """``float_hint``: the inference precision of the float ops an int8 graph keeps (fp32 or bf16).
+        fp32 unless the caller knows bf16 is native and the model bf16-safe: an all-int8 graph runs
+        faster with it, a graph that keeps Convs float (quantize.calibrate ``keep_float``) slower."""
         ov = O.require_openvino()
         import openvino.properties as props
         import openvino.properties.hint as hints
@@ -249,11 +253,12 @@ class OpenVINORunner(_GraphRunner):
                              path=str(onnx_path))
         super().__init__(sc, precision)
         self.onnx_path = Path(onnx_path)
-        key = (str(self.onnx_path.resolve()), sc.get("onnx_sha256"), precision, threads)
+        bf16 = precision == "bf16" or (precision == "int8" and float_hint == "bf16")
+        key = (str(self.onnx_path.resolve()), sc.get("onnx_sha256"), precision, threads, bf16)
         compiled = _OV_COMPILED.get(key) if cache else None
         if compiled is None:
             cfg: dict = {
-                hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,  # int8: see above
+                hints.inference_precision: ov.Type.bf16 if bf16 else ov.Type.f32,  # int8: see above
                 hints.performance_mode: hints.PerformanceMode.LATENCY,
             }
             if threads:

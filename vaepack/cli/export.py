@@ -21,6 +21,8 @@ def export(
                                               "calibrate on, or a calibration JSON (default: the shipped one)."),
     calibration_images: int = typer.Option(64, "--calibration-images", help="int8: images used (one random crop each)."),
     calibration_scale: float = typer.Option(1.5, "--calibration-scale", help="int8: the --scale your encodes use."),
+    keep_float: int = typer.Option(0, "--keep-float", min=0, help="int8 calibration: leave the N Convs whose int8 "
+                                   "error is largest in float (measured on the calibration crops)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: vaepack's)."),
     profile: str = typer.Option("hires-1024", "--profile", help="TensorRT profile name (export/profiles) or file."),
     raw: bool = typer.Option(False, "--raw", help="Leave the latent convention out of the graph (recorded in "
@@ -36,6 +38,9 @@ def export(
     from vaepack.export.trt import export_trt
 
     kw: dict = {"opset": opset} if opset else {}
+    if keep_float and (calibration is None or calibration.lower().endswith(".json")):
+        raise UsageError("--keep-float applies when calibrating on images",
+                         hint="give --calibration DIR (a calibration JSON already says which Convs stay float)")
     if calibration is not None:
         from vaepack import quantize as Q
         from vaepack.manifest import get_model
@@ -45,7 +50,8 @@ def export(
         if not calibration.lower().endswith(".json"):
             note(f"calibrating int8 on up to {calibration_images} images of {calibration}")
         kw["calibration"] = Q.prepare_calibration(get_model(model), "decoder" if part == "eps-step" else part,
-                                                  calibration, count=calibration_images, scale=calibration_scale)
+                                                  calibration, count=calibration_images, scale=calibration_scale,
+                                                  keep_float=keep_float)
     if trt:
         res, engine = export_trt(model, part, profile=profile, precision=precision, out_dir=out_dir,
                                  include_convention=not raw, force=force, **kw)

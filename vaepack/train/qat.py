@@ -2,8 +2,8 @@
 int8 arithmetic that vaepack.quantize writes into the exported QDQ graph, so the weights learn to
 absorb the rounding.
 
-The fake quantization is the export's scheme, computed with its own formulas (one home for the int8
-math is vaepack.quantize: ``act_qparams``, ``weight_qparams``):
+The fake quantization (``vaepack.quantize.FakeQuantPlan`` / ``fake_quantized``, beside the int8 math it
+simulates) is the export's scheme:
 - each Conv's input: uint8, one scale and zero point per tensor, from the calibration range of that
   Conv (fixed during training: the ranges are shipped with the weights, so the export quantizes with
   the numbers the training saw);
@@ -21,133 +21,17 @@ built from the fine-tuned ones.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from vaepack.errors import UsageError
-from vaepack.quantize import act_qparams
-
-
-class _WeightFakeQuant(nn.Module):
-    """Parametrization of a Conv weight: symmetric int8 per output channel (``weight_qparams``)."""
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        absmax = w.detach().abs().flatten(1).amax(1)
-        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax)).float()
-        zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-        return torch.fake_quantize_per_channel_affine(w.float(), scale, zp, 0, -127, 127).to(w.dtype)
-
-
-def convs(module: nn.Module) -> dict[str, nn.Conv2d]:
-    """The Conv2d modules by name: what the int8 export quantizes (vaepack.quantize matches them by weights)."""
-    return {n: m for n, m in module.named_modules() if isinstance(m, nn.Conv2d)}
-
-
-class FakeQuantPlan:
-    """Where the export puts each activation Quantize/Dequantize pair, found by tracing one forward pass
-    on ``example``: the export quantizes a Conv's input tensor once, right after it is produced, for
-    *every* reader (a skip connection included) with the union of the ranges of the Convs that read it
-    (vaepack.quantize.quantize_model). So the fake quantization goes on the output of the module call
-    that produced the tensor (a module called twice is told apart by call order), or on the model's
-    input; only a tensor made by a functional op falls back to the Conv's own input (its other
-    readers, if any, then see float values: the one known difference to the graph)."""
-
-    @torch.no_grad()
-    def __init__(self, module: nn.Module, example: torch.Tensor, ranges: dict[str, list[float]]):
-        missing = [n for n in ranges if n not in convs(module)]
-        if missing:
-            raise UsageError(f"the calibration names Convs the model does not have: {', '.join(missing[:3])}",
-                             hint="calibrate this model's weights (vaepack export --precision int8 --calibration DIR)")
-        made: dict[int, tuple] = {}  # id(tensor) -> ("input",) | ("output", module name, call index)
-        readers: dict[int, list[str]] = {}
-        keep: list[torch.Tensor] = []  # referenced until the pass ends, so ids are not reused
-        calls: dict[str, int] = {}
-        def root_hook(_m, args):  # (a pre-hook that returns something replaces the arguments)
-            made.setdefault(id(args[0]), ("input",))
-
-        handles = [module.register_forward_pre_hook(root_hook)]
-        for name, m in module.named_modules():
-            if name and not list(m.children()):
-                def out_hook(_m, _args, out, name=name):
-                    i = calls[name] = calls.get(name, -1) + 1
-                    if torch.is_tensor(out):
-                        keep.append(out)
-                        made.setdefault(id(out), ("output", name, i))
-                handles.append(m.register_forward_hook(out_hook))
-            if name in ranges:
-                def in_hook(_m, args, name=name):
-                    keep.append(args[0])
-                    readers.setdefault(id(args[0]), []).append(name)
-                handles.append(m.register_forward_pre_hook(in_hook))
-        try:
-            module(example)
-        finally:
-            for h in handles:
-                h.remove()
-        self.ranges: dict[str, list[float]] = {}  # per Conv, unions applied (what the export uses)
-        self.at_input: tuple[float, int] | None = None
-        self.at_output: dict[tuple[str, int], tuple[float, int]] = {}
-        self.at_conv: dict[str, tuple[float, int]] = {}
-        for tid, names in readers.items():
-            rng = [min(ranges[n][0] for n in names), max(ranges[n][1] for n in names)]
-            q = act_qparams(rng)
-            for n in names:
-                self.ranges[n] = rng
-            where = made.get(tid)
-            if where == ("input",):
-                self.at_input = q
-            elif where is not None:
-                self.at_output[where[1:]] = q
-            else:
-                self.at_conv.update({n: q for n in names})
-        self.convs = sorted(self.ranges)
-
-
-def _fq(x: torch.Tensor, q: tuple[float, int]) -> torch.Tensor:
-    return torch.fake_quantize_per_tensor_affine(x.float(), q[0], q[1], 0, 255).to(x.dtype)
-
-
-@contextlib.contextmanager
-def fake_quantized(module: nn.Module, plan: FakeQuantPlan) -> Iterator[nn.Module]:
-    """Within the block, ``module`` computes with the int8 arithmetic of its QDQ export (``plan``:
-    activations; every calibrated Conv's weights per output channel); afterwards the module is plain
-    again, its (trained) float weights under the original state-dict keys. Convs without a range
-    stay float, as in the export."""
-    handles, wrapped = [], []
-    calls: dict[str, int] = {}
-    mods = dict(module.named_modules())
-
-    def reset(_m, args):
-        calls.clear()
-        return (_fq(args[0], plan.at_input), *args[1:]) if plan.at_input else None
-
-    try:
-        handles.append(module.register_forward_pre_hook(reset))
-        for name in {n for n, _ in plan.at_output}:
-            def out_hook(_m, _args, out, name=name):
-                i = calls[name] = calls.get(name, -1) + 1
-                q = plan.at_output.get((name, i))
-                return _fq(out, q) if q else None
-            handles.append(mods[name].register_forward_hook(out_hook))
-        for name, q in plan.at_conv.items():
-            handles.append(mods[name].register_forward_pre_hook(lambda _m, args, q=q: (_fq(args[0], q), *args[1:])))
-        for name in plan.convs:
-            parametrize.register_parametrization(mods[name], "weight", _WeightFakeQuant())
-            wrapped.append(mods[name])
-        yield module
-    finally:
-        for h in handles:
-            h.remove()
-        for conv in wrapped:
-            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=False)
+from vaepack.quantize import FakeQuantPlan, convs, fake_quantized  # noqa: F401 - the fake quantization lives with the int8 math
 
 
 # ----------------------------------------------------------------------------- the trainer
