@@ -91,6 +91,19 @@ export_runs() {
   done
 }
 
+# calibrate_part PART DEST [EXTRA...]: a post-training int8 calibration of the default's PART (64 training photos,
+# one random 256 px crop each at --scale 1.5), made in a throwaway VAEPACK_HOME and copied to DEST.
+calibrate_part() {
+  local part=$1 dest=$2 tmp
+  shift 2
+  tmp=$(mktemp -d)
+  VAEPACK_HOME="$tmp" vaepack export default --part "$part" --precision int8 --calibration "$DATA" \
+    --calibration-images 64 --calibration-scale 1.5 "$@" -o "$tmp/art"
+  cp "$tmp"/int8/vaepack-f2-p64-"$part"-*.json "$dest"
+  sha256sum "$dest"
+  rm -rf "$tmp"
+}
+
 CACHE=${CACHE:-$RUNS/dec-tae/teacher_cache.pt}
 case "${1:-}" in
   pruned-encoder)
@@ -126,23 +139,13 @@ case "${1:-}" in
     # Its activation ranges start the quantization-aware run that ships (benchmarks/qat.sh train with
     # CALIBRATION=runs/ptq/vaepack-f2-enc-p64.int8.json; its own dev round trip misses the auto policy:
     # benchmarks/results/int8.md).
-    tmp=$(mktemp -d)
     mkdir -p runs/ptq
-    VAEPACK_HOME="$tmp" vaepack export default --part encoder --precision int8 --calibration "$DATA" \
-      --calibration-images 64 --calibration-scale 1.5 -o "$tmp/art"
-    cp "$tmp"/int8/vaepack-f2-p64-encoder-*.json runs/ptq/vaepack-f2-enc-p64.int8.json
-    sha256sum runs/ptq/vaepack-f2-enc-p64.int8.json
-    rm -rf "$tmp" ;;
+    calibrate_part encoder runs/ptq/vaepack-f2-enc-p64.int8.json ;;
   calibrate-int8-decoder)
     # The decoder's int8 calibration that ships (vaepack/weights/vaepack-f2-p64-decoder.int8.json, auto: false):
     # post-training, 64 training crops at 1.5x through the default encoder, the 4 Convs whose int8 error is
     # largest kept float (--keep-float; benchmarks/results/int8.md). Run after export-joint.
-    tmp=$(mktemp -d)
-    VAEPACK_HOME="$tmp" vaepack export default --part decoder --precision int8 --calibration "$DATA" \
-      --calibration-images 64 --calibration-scale 1.5 --keep-float 4 -o "$tmp/art"
-    cp "$tmp"/int8/vaepack-f2-p64-decoder-*.json "$OUT/vaepack-f2-p64-decoder.int8.json"
-    sha256sum "$OUT/vaepack-f2-p64-decoder.int8.json"
-    rm -rf "$tmp" ;;
+    calibrate_part decoder "$OUT/vaepack-f2-p64-decoder.int8.json" --keep-float 4 ;;
   encoder)
     # Student encoder: paper-000 width 32, 2x2 space-to-depth stem (see benchmarks/results/distill_defaults.md);
     # the folded first generation is unfolded back to BatchNorm (statistics from training crops) and continued.

@@ -214,12 +214,16 @@ def prepare_calibration(entry: ModelEntry, part: str, source: str | Path | None,
     against the current weights) or images (a folder, files or globs) to calibrate on. Either way the
     result is also stored in <cache>/int8/ so that runtimes find it later. None: nothing to prepare
     (the export uses the shipped or cached calibration)."""
+    is_json = source is not None and Path(source).suffix.lower() == ".json"
+    if keep_float and (source is None or is_json):
+        raise UsageError("--keep-float applies when calibrating on images",
+                         hint="give --calibration DIR (a calibration JSON already says which Convs stay float)")
     if source is None:
         return None
     digest = weights_digest(entry, part)
     src = Path(source)
     dest = cached_calibration_path(entry, part, digest)
-    if src.suffix.lower() == ".json" and src.is_file():
+    if is_json and src.is_file():
         cal = load_calibration(src, entry, part, digest)
         qat = qat_weights_path(cal, src)
         if qat is not None and qat.parent != dest.parent:  # runtimes find the weights in the cache later

@@ -38,16 +38,13 @@ def export(
     from vaepack.export.trt import export_trt
 
     kw: dict = {"opset": opset} if opset else {}
-    if keep_float and (calibration is None or calibration.lower().endswith(".json")):
-        raise UsageError("--keep-float applies when calibrating on images",
-                         hint="give --calibration DIR (a calibration JSON already says which Convs stay float)")
-    if calibration is not None:
+    if calibration is not None or keep_float:  # (prepare_calibration refuses --keep-float without images)
         from vaepack import quantize as Q
         from vaepack.manifest import get_model
 
         if precision != "int8":
             raise UsageError("--calibration is for --precision int8")
-        if not calibration.lower().endswith(".json"):
+        if calibration is not None and not calibration.lower().endswith(".json"):
             note(f"calibrating int8 on up to {calibration_images} images of {calibration}")
         kw["calibration"] = Q.prepare_calibration(get_model(model), "decoder" if part == "eps-step" else part,
                                                   calibration, count=calibration_images, scale=calibration_scale,
