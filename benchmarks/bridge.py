@@ -3,11 +3,13 @@ of the original photo, and what each conversion costs.
 
 For every dev photo x: reference T = E_t(x) (TAESana's encoder), source z = E_s(x) (TAEF2's encoder).
 - pixel path: E_t(clamp(D_s(z)))          (decode, re-encode; what `vaepack convert --via pixel` does)
-- bridge:     P(tap(z))                   (each trained bridge file given)
+- bridge:     P(tap(z)[, z])              (each trained bridge file given; z too with latent_skip)
+- a manifest bridge as `vaepack convert --via bridge` runs it (--manifest-bridge ID, on --backend auto:
+  an rgb-tap bridge = the source decoder's runner + its projector's ONNX export on OpenVINO)
 Latent agreement (vaepack.metrics.latent_agreement: relative MSE = MSE / variance of the targets,
 cosine, per-channel mean/std gaps) on center crops (default 256 px, the issue's protocol) and on the
 full photos (cropped to a multiple of 32 px, so no padding convention enters the comparison). Cost:
-MACs (vaepack.flops) and torch fp32 latency at --size px, batch 1, median of --repeat runs, same process.
+MACs (vaepack.flops) and latency at --size px, batch 1, median of --repeat runs, same process.
 
     python benchmarks/bridge.py --data ../shared/data/dev --bridge RUN/bridge.safetensors ... [--json out.json]
 """
@@ -38,6 +40,17 @@ def load_bridge_file(path: Path):
     return model.eval(), conf, meta
 
 
+class _NoSkip(torch.nn.Module):
+    """A latent-skip projector without the skip, for the MAC counter (one input)."""
+
+    def __init__(self, proj):
+        super().__init__()
+        self.layers = proj.layers
+
+    def forward(self, f):
+        return self.layers(f)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -50,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-full", action="store_true", help="skip the full-photo rows")
     ap.add_argument("--pixel-auto", action="store_true", help="also the pixel path on --backend auto (OpenVINO)")
     ap.add_argument("--bridge-bf16", action="store_true", help="also each bridge under torch bf16 autocast")
+    ap.add_argument("--manifest-bridge", nargs="*", default=[], help="manifest bridge ids, run as `convert` runs "
+                    "them on --backend auto")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
 
@@ -88,13 +103,21 @@ def main(argv=None) -> int:
         proj, conf, meta = load_bridge_file(f)
         tap = B.Tap(sdec, roles, conf["tap"]).eval()
         info = {"file": str(f), "tap": conf["tap"], "steps": meta.get("steps"), "command": meta.get("command")}
-        paths[f.parent.name or f.stem] = ((lambda z, tap=tap, proj=proj: proj(tap(z))), (tap, proj),
-                                          {**info, "runtime": "torch fp32"})
+        skip = bool(conf.get("latent_skip"))
+        paths[f.parent.name or f.stem] = ((lambda z, tap=tap, proj=proj, skip=skip: proj(tap(z), z if skip else None)),
+                                          (tap, proj), {**info, "runtime": "torch fp32"})
         if a.bridge_bf16:
-            def run16(z, tap=tap, proj=proj):
+            def run16(z, tap=tap, proj=proj, skip=skip):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return proj(tap(z)).float()
+                    return proj(tap(z), z if skip else None).float()
             paths[(f.parent.name or f.stem) + "-bf16"] = (run16, (tap, proj), {**info, "runtime": "torch bf16"})
+    for bid in a.manifest_bridge:
+        from vaepack.convert import Converter
+        from vaepack.manifest import load_manifest
+
+        br = Converter(a.target, via="bridge", bridge=bid, backend="auto")._bridge_run(load_manifest().get_bridge(bid))
+        info = {"bridge": bid, "sha256": br.lb.sha256, "runtime": f"{br.backend} {br.dtype}"}
+        paths[f"{bid}-auto"] = (br, (br.lb.tap, br.lb.projector), info)
 
     rows = []
     with torch.no_grad():
@@ -115,9 +138,14 @@ def main(argv=None) -> int:
                 params = param_count(tenc)
             else:
                 tap, proj = parts
-                fshape = tuple(tap(torch.zeros(zshape)).shape)
-                macs = (count_macs(tap, zshape) if len(tap.layers) else 0) + count_macs(proj, fshape)
                 params = param_count(proj)
+                fshape = tuple(tap(torch.zeros(zshape)).shape)
+                # count_macs feeds one input; the latent skip's 1x1 conv is counted by hand
+                skip = sum(proj.cfg.latent_skip * proj.cfg.width * (s // 8 // 2 ** k) ** 2
+                           for k in range(proj.cfg.skip_stages)) if proj.cfg.latent_skip else 0
+                if skip:
+                    proj = _NoSkip(proj)
+                macs = (count_macs(tap, zshape) if len(tap.layers) else 0) + count_macs(proj, fshape) + skip
             row.update({"gmacs": macs / 1e9, "trainable_params": params, "latency_ms": time_call(TimedCall(fn), zlat, 1, a.repeat, dev).median_ms})
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)

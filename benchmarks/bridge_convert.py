@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sources", default="taef2@1,default@1.5")
     ap.add_argument("--to", default="taesana")
     ap.add_argument("--vias", default="pixel,bridge")
-    ap.add_argument("--backend", default="torch", help="backend of the pixel path (auto: OpenVINO when installed)")
+    ap.add_argument("--backend", default="torch", help="backend of both paths (auto: OpenVINO when installed; "
+                    "an rgb-tap bridge runs there too)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             recs = [encode_tensor(src, x, scale, model_id=model) for x in images]
         for via in a.vias.split(","):
-            conv = Converter(a.to, via=via, backend=a.backend if via == "pixel" else "torch")
+            conv = Converter(a.to, via=via, backend=a.backend)
             with torch.no_grad():
                 conv.convert(recs[0], str(photos[0]))  # load and warm up
                 preds, times, used = [], [], set()
@@ -60,9 +61,10 @@ def main(argv=None) -> int:
                     times.append(time.perf_counter() - t0)
                     preds.append(out.latent)
                     used.add(out.provenance.get("bridge") or out.provenance["via"])
+                    runtime = f"{out.backend} {out.dtype}"
             cut = [(pr[..., : x.shape[-2] // 32, : x.shape[-1] // 32], r[..., : x.shape[-2] // 32, : x.shape[-1] // 32])
                    for pr, r, x in zip(preds, refs, images)]
-            row = {"source": spec, "via": via, "used": sorted(used), "backend": a.backend if via == "pixel" else "torch",
+            row = {"source": spec, "via": via, "used": sorted(used), "backend": runtime,
                    **latent_agreement([c[0] for c in cut], [c[1] for c in cut]),
                    "ms_per_photo": 1000 * sum(times) / len(times)}
             rows.append(row)
@@ -73,7 +75,9 @@ def main(argv=None) -> int:
         print(f"| {r['source']} | {r['via']} ({', '.join(r['used'])}) | {r['backend']} | {r['rel_mse']:.4f} | "
               f"{r['cosine']:.4f} | {r['mean_gap']:.4f} | {r['std_gap']:.4f} | {r['ms_per_photo']:.0f} |")
     if a.json:
-        a.json.write_text(json.dumps({"photos": len(photos), "rows": rows}, indent=1))
+        from vaepack.bench.machine import machine_info
+
+        a.json.write_text(json.dumps({"machine": machine_info(), "photos": len(photos), "rows": rows}, indent=1))
     return 0
 
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The FLUX.2 -> Sana bridges of issue 14 (paper 001) and the variants in benchmarks/results/bridge.md.
 #
-#   usage: benchmarks/train_bridge.sh shipped|variants|export
+#   usage: benchmarks/train_bridge.sh shipped|variants|skip|export
 #
-# Every run shares one training-pair cache (PAIRS: 8 random 256 px crops of each training photo, mirrored
+# `variants` share one training-pair cache (PAIRS: 8 random 256 px crops of each training photo, mirrored
 # at random, through TAEF2's and TAESana's encoders in fp32; built by the first run, ~14 min on 2 cores)
-# and one tap-feature cache per tap beside it (PAIRS.tap-<tap>.pt). Runs resume with --resume.
+# and one tap-feature cache per tap beside it (PAIRS.tap-<tap>.pt). `skip` and `shipped` share PAIRS16:
+# 16 crops per photo from the photo shrunk by a random factor in [0.5, 1], TAEF2's latents and decoded
+# crops from OpenVINO bf16 (`--pairs-backend auto`, the runtime `convert` runs the bridge on), TAESana's
+# targets in torch fp32 (~7 min on 2 cores). Runs resume with --resume.
 # `shipped` made vaepack/weights/bridge-taef2-taesana-rgb.safetensors (`export` copies it there).
 set -euo pipefail
 DATA=${DATA:-../shared/data/train}

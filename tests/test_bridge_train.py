@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 from safetensors import safe_open
@@ -90,6 +91,61 @@ def test_adapter_output_is_where_the_target_encoder_continues():
         assert b.adapt(torch.rand(1, ch, 64 // d, 96 // d)).shape == feats.shape
 
 
+def test_latent_skip_starts_as_the_bridge_without_it_and_enters_at_one_eighth():
+    """Zero-initialized: the untrained skip changes nothing (an rgb bridge still starts as the target
+    encoder); it adds the latent where the projector's features are at 1/8 of the image."""
+    torch.manual_seed(0)
+    cfg = tae.TAEConfig(kind="f32", latent_channels=4, width=8)
+    enc = tae.build("encoder", cfg).eval()
+    b = B.Bridge(B.BridgeConfig(tap="rgb", tap_channels=3, target_channels=4, width=8, latent_skip=6)).eval()
+    B.warm_start(b, enc.state_dict())
+    x, z = torch.rand(2, 3, 64, 96), torch.randn(2, 6, 8, 12)
+    torch.testing.assert_close(b(x, z), enc(x))
+    roles = tae.roles("encoder", cfg)
+    assert b.skip_at == {roles.index("s1.b0"): 0}
+    with torch.no_grad():
+        b.skip[0].weight.normal_()
+    i = roles.index("s1.b0")
+    h = b.layers[:i](x)
+    assert h.shape[-2:] == z.shape[-2:]  # 1/8 of 64x96
+    torch.testing.assert_close(b(x, z), b.layers[i:](h + b.skip[0](z)))
+    # three stages: the latent also enters pooled 2x at s2.b0 and 4x at s3.b0
+    b3 = B.Bridge(B.BridgeConfig(tap="rgb", tap_channels=3, target_channels=4, width=8, latent_skip=6,
+                                 skip_stages=3)).eval()
+    B.warm_start(b3, enc.state_dict())
+    torch.testing.assert_close(b3(x, z), enc(x))
+    assert b3.skip_at == {roles.index(f"s{k}.b0"): k - 1 for k in (1, 2, 3)}
+    with torch.no_grad():
+        for c in b3.skip:
+            c.weight.normal_()
+    j, k = roles.index("s2.b0"), roles.index("s3.b0")
+    h = b3.layers[i:j](b3.layers[:i](x) + b3.skip[0](z))
+    h = b3.layers[j:k](h + b3.skip[1](F.avg_pool2d(z, 2)))
+    torch.testing.assert_close(b3(x, z), b3.layers[k:](h + b3.skip[2](F.avg_pool2d(z, 4))))
+    with pytest.raises(ValueError, match="cells"):
+        b(x, z[..., :4, :])
+    for tap in ("latent", "s0"):  # they enter the projector after its 1/8 point
+        with pytest.raises(ValueError, match="latent_skip"):
+            B.BridgeConfig(tap=tap, tap_channels=4, latent_skip=4)
+
+
+def test_training_crops_with_scale_jitter(tmp_path):
+    """min_scale < 1: each crop comes from the photo shrunk by a random factor (never below the crop);
+    fixed by the seed; the cache key says so."""
+    from vaepack.train.bridge import pairs_key, training_crops
+
+    data = _images(tmp_path / "d", n=2, size=(160, 128))
+    cfg = BridgeTrainConfig(data, tmp_path / "r", crop=64, crops_per_image=6, min_scale=0.5)
+    a, b = training_crops(cfg), training_crops(cfg)
+    assert a.shape == (12, 3, 64, 64) and a.dtype == torch.uint8 and torch.equal(a, b)
+    plain = training_crops(BridgeTrainConfig(data, tmp_path / "r", crop=64, crops_per_image=6))
+    assert not torch.equal(a, plain)
+    shas = {"source_encoder": "s", "target_encoder": "t"}
+    assert pairs_key(cfg, shas) != pairs_key(BridgeTrainConfig(data, tmp_path / "r", crop=64, crops_per_image=6), shas)
+    with pytest.raises(UsageError, match="min-scale"):
+        BridgeTrainConfig(data, tmp_path / "r", min_scale=0).validate()
+
+
 def test_attention_fidelity_is_zero_for_equal_affinities_and_positive_otherwise():
     torch.manual_seed(0)
     t = torch.randn(2, 8, 6, 5)
@@ -103,7 +159,9 @@ def test_attention_fidelity_is_zero_for_equal_affinities_and_positive_otherwise(
 def test_config_validation(tmp_path):
     data = _images(tmp_path / "d", n=1)
     for kw, msg in [({"tap": "s9"}, "tap"), ({"crop": 100}, "multiple of 32"), ({"steps": 0}, "steps"),
-                    ({"w_mse": 0, "w_l1": 0}, "w-mse"), ({"blocks": (1, 2)}, "blocks")]:
+                    ({"w_mse": 0, "w_l1": 0}, "w-mse"), ({"blocks": (1, 2)}, "blocks"),
+                    ({"tap": "s2", "pairs_backend": "openvino"}, "pairs-backend"),
+                    ({"tap": "s0", "latent_skip": 1}, "latent-skip"), ({"tap": "rgb", "latent_skip": 4}, "0 to 3")]:
         with pytest.raises(UsageError, match=msg):
             BridgeTrainConfig(data, tmp_path / "r", **kw).validate()
 
@@ -169,6 +227,26 @@ def test_tiny_run_lowers_the_loss_resumes_exports_and_converts(tmp_path, shared_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with safe_open(str(again), framework="pt") as h:
         assert h.metadata() == meta
+
+
+def test_rgb_latent_skip_run_on_runtime_pairs(tmp_path, shared_weights):
+    """An rgb bridge with the latent skip, its pairs' latents and decoded images from OpenVINO: the
+    loss falls, the skip learns (it starts at zero) and the export records the skip."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnx")
+    data = _images(tmp_path / "data", n=2)
+    out = tmp_path / "run"
+    losses = []
+    res = run_train_bridge(_cfg(data, out, tap="rgb", blocks=None, steps=30, latent_skip=2, pairs_backend="openvino",
+                                min_scale=0.7), progress=lambda d: d["phase"] == "train" and losses.append(d["loss"]))
+    assert res["step"] == 30 and res["latent_skip"] == 32 and losses[-1] < losses[0]
+    c = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert c["model"]["skip.0.weight"].abs().max() > 0 and c["model"]["skip.1.weight"].abs().max() > 0
+    assert (out / "pairs.tap-rgb.pt").is_file()
+    with safe_open(str(out / "bridge.safetensors"), framework="pt") as h:
+        conf = json.loads(h.metadata()["config"])
+        assert conf["latent_skip"] == 32 and conf["skip_stages"] == 2
+        assert "skip.1.weight" in h.keys()
 
 
 def test_shipped_bridge_is_closer_to_taesana_than_the_pixel_path(shared_weights, shared):

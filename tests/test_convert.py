@@ -24,6 +24,9 @@ from vaepack.paths import manifest_path
 
 TINY = {"kind": "f8", "latent_channels": 4, "width": 8, "blocks": [1, 1, 1, 1]}
 TINY_BRIDGE = {"tap": "s0", "tap_channels": 8, "target_channels": 4, "width": 8, "blocks": [1, 1, 1, 1]}
+# an rgb-tap bridge that also reads the source latent: it runs on exported graphs (export/bridge.py)
+RGB_BRIDGE = {"tap": "rgb", "tap_channels": 3, "target_channels": 4, "width": 8, "blocks": [1, 1, 1, 1],
+              "latent_skip": 4, "skip_stages": 2}
 
 
 def _save(root: Path, name: str, sd: dict) -> dict:
@@ -51,6 +54,9 @@ def _bridge_file(root: Path, name: str, cfg: dict, seed: int) -> dict:
     with torch.no_grad():  # default init fades through the layers: a gain makes outputs depend on inputs
         for p in b.parameters():
             p.mul_(3.0)
+        if cfg.get("latent_skip"):  # zero-initialized for training; random here so the test sees it
+            for c in b.skip:
+                c.weight.normal_(0, 0.5)
     return _save(root, name, b.state_dict())
 
 
@@ -77,6 +83,9 @@ class Zoo:
                             "target": "tiny-dst", "family": "bridge", "config": TINY_BRIDGE,
                             "files": [_bridge_file(root, "tiny-bridge.safetensors", TINY_BRIDGE, 3)],
                             "provenance": {"command": "test"}},
+            "tiny-rgb-bridge": {"description": "tiny random rgb bridge", "license": "MIT", "source": "tiny-src",
+                                "target": "tiny-dst", "family": "bridge", "config": RGB_BRIDGE,
+                                "files": [_bridge_file(root, "tiny-rgb-bridge.safetensors", RGB_BRIDGE, 5)]},
             # FLUX.2 -> Sana, random but with the real TAEF2 decoder as its prefix
             "rand-f2-sana": {"description": "random", "license": "MIT", "source": "taef2", "target": "taesana",
                              "config": {"tap": "s1", "tap_channels": 64, "width": 16, "blocks": [1, 1, 1, 1]},
@@ -129,7 +138,7 @@ def test_manifest_parses_bridges(zoo):
     assert (b.source, b.target, b.source_space, b.target_space, b.family) == \
         ("tiny-src", "tiny-dst", "tiny8", "tiny32", "bridge")
     assert b.config["tap"] == "s0" and b.provenance == {"command": "test"} and len(b.files) == 1
-    assert [x.id for x in man.bridges_for("tiny8", "tiny32")] == ["tiny-bridge"]
+    assert [x.id for x in man.bridges_for("tiny8", "tiny32")] == ["tiny-bridge", "tiny-rgb-bridge"]
     assert [x.id for x in man.bridges_for("flux2", "sana")] == ["rand-f2-sana"]
     assert man.bridges_for("tiny32", "tiny8") == [] and man.bridges_for("sd1", "sana") == []
     assert list(b.parts) == ["bridge"] and b.part("bridge").files == b.files
@@ -265,14 +274,13 @@ def test_remapped_resampling_keeps_pixel_alignment():
     exact ratio orig/scaled, not a stretch to whole cells (here 60 px -> 7.5 cells of 8)."""
     from types import SimpleNamespace
 
-    from torch import nn
-
-    from vaepack.convert import bridge_record
+    from vaepack.convert import BridgeRun, bridge_record
     from vaepack.manifest import Space
 
     space = Space("s8", 1, 8)
-    stub = SimpleNamespace(divisor=8, tap=nn.Identity(), projector=nn.Identity(), sha256="x",
-                           source=SimpleNamespace(id="a", space=space), target=SimpleNamespace(id="b", space=space))
+    lb = SimpleNamespace(divisor=8, sha256="x", cfg=SimpleNamespace(latent_skip=0),
+                         source=SimpleNamespace(id="a", space=space), target=SimpleNamespace(id="b", space=space))
+    stub = BridgeRun(lb, lambda z: z, lambda f, z: f, "torch", "fp32")
     rows = (torch.arange(12.0) + 0.5) * 8 / 1.5  # 12 cells of 8 scaled px (90 px image + padding) at scale 1.5
     z = rows.view(1, 1, 12, 1).expand(1, 1, 12, 9).contiguous()
     rec = L.LatentRecord(latent=z, model="a", space="s8", weights_sha256="", scale=1.5, filter="bilinear",
@@ -284,6 +292,75 @@ def test_remapped_resampling_keeps_pixel_alignment():
     # interior cells; torch's antialiased weights wobble a linear ramp by ~0.15 px, a stretch to whole cells
     # (cropping the scaled area to 11 cells, resizing them to 8) would be off by up to 4 px here
     assert torch.allclose(got[1:-1], want[1:-1], atol=0.3), got
+
+
+# --------------------------------------------------------------------------- rgb bridges on exported graphs
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_rgb_bridge_on_graph_runtimes_equals_torch(zoo, backend, scale):
+    """An rgb-tap bridge with a latent skip runs as the source decoder's runner + its projector's ONNX
+    export; at fp32 it gives what the torch bridge gives (same geometry, same provenance), including a
+    remapped source, where both the decoded image and the latent are resampled to the photo's scale."""
+    pytest.importorskip("onnxruntime" if backend == "onnxruntime" else "openvino")
+    pytest.importorskip("onnx")
+    from vaepack.convert import convert_record
+
+    rec = _encode("tiny-src", 60, 44, scale=scale)
+    ref = convert_record(rec, "x", "tiny-dst", bridge="tiny-rgb-bridge", backend="torch")
+    got = convert_record(rec, "x", "tiny-dst", bridge="tiny-rgb-bridge", backend=backend, dtype="fp32")
+    assert got.backend == backend and got.dtype == "fp32+fp32" and ref.backend == "torch"
+    assert got.latent.shape == ref.latent.shape and got.padding == ref.padding and got.scale == ref.scale
+    assert torch.allclose(got.latent, ref.latent, atol=1e-4), (got.latent - ref.latent).abs().max()
+    assert got.provenance == ref.provenance and got.provenance["bridge"] == "tiny-rgb-bridge"
+
+
+def test_rgb_bridge_latent_skip_reads_the_latent(zoo):
+    """By hand: projector(decoded image, latent); the remapped path resamples the latent like the
+    image (8-px cells at the original scale). Without the skip the output differs."""
+    from vaepack.bridges import load_bridge
+    from vaepack.convert import convert_record
+
+    lb = load_bridge("tiny-rgb-bridge")
+    rec = _encode("tiny-src", 64, 32)
+    out = convert_record(rec, "x", "tiny-dst", bridge="tiny-rgb-bridge", backend="torch")
+    assert torch.allclose(out.latent, lb.projector(lb.tap(rec.latent), rec.latent), atol=1e-6)
+    assert not torch.allclose(out.latent, lb.projector.layers(lb.tap(rec.latent)), atol=1e-3)
+    with pytest.raises(ValueError, match="source latent"):
+        lb.projector(lb.tap(rec.latent))
+    rec2 = _encode("tiny-src", 64, 32, scale=2.0)
+    out2 = convert_record(rec2, "x", "tiny-dst", bridge="tiny-rgb-bridge", backend="torch")
+    f = F.interpolate(lb.tap(rec2.latent), size=(64, 32), mode="bilinear", antialias=True, align_corners=False)
+    z = F.interpolate(rec2.latent, size=(8, 4), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(out2.latent, lb.projector(f, z), atol=1e-5)
+
+
+def test_bridge_export_is_cached_verified_and_refused_for_deep_taps(zoo, caplog):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from vaepack.bridges import load_bridge
+    from vaepack.export.bridge import cached_bridge_export
+
+    lb = load_bridge("tiny-rgb-bridge")
+    path, sc = cached_bridge_export(lb)
+    assert sc["bridge"] == "tiny-rgb-bridge" and sc["weights_sha256"] == lb.sha256
+    assert [t["name"] for t in sc["inputs"]] == ["image", "latent"] and sc["parity"]["max_rel_err"] < 1e-4
+    mtime = path.stat().st_mtime_ns
+    assert cached_bridge_export(lb)[0] == path and path.stat().st_mtime_ns == mtime  # reused
+    path.write_bytes(path.read_bytes() + b"x")  # tampered: exported again, with a warning
+    with caplog.at_level("WARNING", logger="vaepack"):
+        path2, sc2 = cached_bridge_export(lb)
+    assert "unusable" in caplog.text and sc2["onnx_sha256"] != "" and path2 == path
+    with pytest.raises(UsageError, match="only rgb-tap"):
+        cached_bridge_export(load_bridge("tiny-bridge"))
+
+
+def test_deep_tap_bridge_refuses_graph_backends(zoo, clean_error, tmp_path, run_cli):
+    p = _write(tmp_path, "a.latent.safetensors", _encode("tiny-src", 64, 64))
+    code, out, err = run_cli("convert", p, "--to", "tiny-dst", "--bridge", "tiny-bridge", "--backend", "openvino",
+                             "-o", tmp_path / "o.safetensors")
+    assert code != 0
+    clean_error(err, "runs in torch")
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_pixel_path_decodes_to_the_original_size_first(zoo):

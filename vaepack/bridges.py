@@ -88,7 +88,7 @@ class LoadedBridge(nn.Module):
         return next(self.projector.parameters()).device
 
     def forward(self, z_source: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.tap(z_source))
+        return self.projector(self.tap(z_source), z_source if self.cfg.latent_skip else None)
 
 
 def load_bridge(bridge_id: str | BridgeEntry, device: str | None = None) -> LoadedBridge:

@@ -8,6 +8,9 @@ Two paths, both ending in a LatentRecord of the target model's encoder space:
   (``pipeline.encode_tensor``: padded to the target factor, tiled above the budget).
 - **bridge**: a shipped Bridge (vaepack/bridges.py) maps the latent straight into the target space:
   frozen source decoder up to a tap + a learned projector, no full decode and no target encoder.
+  An rgb-tap bridge runs on the pixel path's runtimes: its tap is the source model's decoder (the
+  same runner ``decode`` uses) and its projector an ONNX export of its own
+  (``export.bridge.cached_bridge_export``); other taps run in torch.
 
 ``via="auto"`` takes a bridge when the manifest has one for (source space, target space), else the
 pixel path. Every output records where it came from (``LatentRecord.provenance``, metadata key
@@ -20,6 +23,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,7 @@ from vaepack.bridges import LoadedBridge, load_bridge
 from vaepack.errors import LatentFileError, UsageError
 from vaepack.manifest import BridgeEntry, Manifest, ModelEntry, Space, load_manifest
 from vaepack.pipeline import TileOptions, decode_record, encode_tensor
-from vaepack.runtime import load_vae
+from vaepack.runtime import best_cpu_choice, load_vae
 from vaepack.vae import DTYPES, VAE, check_device_dtype, pick_device
 
 VIAS = ("auto", "pixel", "bridge")
@@ -52,7 +56,9 @@ class Converter:
     ``model``: the source model for bare latents (no vaepack metadata); for files with metadata it
     picks the decoder of the pixel path (a model of the file's space, as ``decode --model``).
     ``backend``/``dtype``/``device``/``tiles`` are those of ``decode``/``encode`` for the pixel path;
-    a bridge runs in torch (fp32 unless ``dtype`` says bf16/fp16) and untiled."""
+    a bridge runs untiled, on the same backend when its tap is ``rgb`` (``auto``: the source decoder
+    at auto's precision, the projector on the same runtime at the target model's float precision),
+    else in torch (fp32 unless ``dtype`` says bf16/fp16)."""
 
     to: str
     via: str = "auto"
@@ -66,7 +72,7 @@ class Converter:
     _target: ModelEntry = field(init=False, repr=False)
     _fixed: BridgeEntry | None = field(init=False, default=None, repr=False)
     _vaes: dict[tuple[str, str], VAE] = field(init=False, default_factory=dict, repr=False)
-    _bridges: dict[str, LoadedBridge] = field(init=False, default_factory=dict, repr=False)
+    _bridges: dict[str, BridgeRun] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         # Everything that does not depend on a file is refused here, before a model loads.
@@ -157,34 +163,81 @@ class Converter:
                           "target_encoder_sha256": out.weights_sha256}
         return out
 
-    def _bridge_module(self, entry: BridgeEntry) -> LoadedBridge:
-        if self.backend not in ("auto", "torch"):
-            raise UsageError(f"a bridge runs in torch, not on --backend {self.backend}",
-                             hint="use --via pixel for other backends")
+    def _bridge_run(self, entry: BridgeEntry) -> BridgeRun:
         if entry.id not in self._bridges:
-            dev = pick_device(self.device)
-            check_device_dtype(dev, self._bridge_dtype())
-            self._bridges[entry.id] = load_bridge(entry, device=str(dev))
+            self._bridges[entry.id] = self._load_bridge_run(entry)
         return self._bridges[entry.id]
 
-    def _bridge_dtype(self) -> str:
-        d = self.dtype or "fp32"  # the precision the shipped bridge was measured at
-        if d not in DTYPES:
-            raise UsageError(f"a bridge runs at fp32, bf16 or fp16, not {d}", hint="use --via pixel for int8")
-        return d
+    def _load_bridge_run(self, entry: BridgeEntry) -> BridgeRun:
+        dev = pick_device(self.device)
+        if self.dtype == "int8":
+            raise UsageError("a bridge runs at fp32, bf16 or fp16, not int8", hint="use --via pixel for int8")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UsageError(f"a bridge runs at fp32, bf16 or fp16, not {self.dtype}")
+        graph = self.backend != "torch" and dev.type == "cpu" and entry.config.get("tap") == "rgb"
+        if self.backend not in ("auto", "torch") and not graph:
+            raise UsageError(f"bridge '{entry.id}' runs in torch, not on --backend {self.backend} (only rgb-tap "
+                             "bridges have an exported graph)", hint="use --backend torch, or --via pixel")
+        if graph:
+            name, prec = best_cpu_choice(self._target) if self.backend == "auto" else (self.backend, "fp32")
+            if name != "torch":
+                return self._graph_bridge(entry, name, self.dtype or prec)
+        dtype = self.dtype or "fp32"  # the precision the torch bridge was measured at
+        check_device_dtype(dev, dtype)
+        lb = load_bridge(entry, device=str(dev))
+
+        def project(f: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+            with torch.no_grad(), _autocast(lb.device, dtype):
+                return lb.projector(f.to(lb.device), None if z is None else z.to(lb.device)).float()
+
+        def tap(z: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), _autocast(lb.device, dtype):
+                return lb.tap(z.to(lb.device)).float()
+
+        return BridgeRun(lb, tap, project, "torch", dtype)
+
+    def _graph_bridge(self, entry: BridgeEntry, backend: str, precision: str) -> BridgeRun:
+        """An rgb-tap bridge on an ONNX runtime: the source decoder's runner + the projector's export."""
+        from vaepack.export.bridge import cached_bridge_export
+        from vaepack.runtime import projector_runner
+
+        lb = load_bridge(entry, device="cpu")
+        dec = load_vae(entry.source, parts=("decoder",), device=self.device, dtype=self.dtype, backend=self.backend)
+        path, sc = cached_bridge_export(lb)
+        run = projector_runner(backend, path, sc, precision)
+
+        def project(f: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+            return run(f, *(() if z is None else (z,))).float()
+
+        return BridgeRun(lb, lambda z: dec.decode(z).float(), project, backend,
+                         f"{dec.precision('decoder')}+{run.precision}")
 
     def _bridge(self, rec: L.LatentRecord, path: str, p: Plan, prov: dict[str, str]) -> L.LatentRecord:
         entry = p.bridge
         assert entry is not None
         z = source_latent(rec, p.source_space, path)
-        lb = self._bridge_module(entry)
-        dtype = self._bridge_dtype()
-        with torch.no_grad(), _autocast(lb.device, dtype):
-            out = bridge_record(lb, z.to(lb.device), rec, path)
-        out.dtype, out.backend = dtype, "torch"
-        out.provenance = {**prov, "bridge": entry.id, "bridge_sha256": lb.sha256, "source_decoder": entry.source,
-                          "source_decoder_sha256": lb.source_decoder_sha256}
+        br = self._bridge_run(entry)
+        out = bridge_record(br, z, rec, path)
+        out.dtype, out.backend = br.dtype, br.backend
+        out.provenance = {**prov, "bridge": entry.id, "bridge_sha256": br.lb.sha256, "source_decoder": entry.source,
+                          "source_decoder_sha256": br.lb.source_decoder_sha256}
         return out
+
+
+@dataclass
+class BridgeRun:
+    """A loaded bridge and where its halves run: ``tap(z)`` -> features, ``project(features, z or None)``
+    -> target latent (float32 on the CPU or the bridge's device). ``dtype`` names the precisions that
+    ran (``decoder+projector`` on graph runtimes)."""
+
+    lb: LoadedBridge
+    tap: Callable[[torch.Tensor], torch.Tensor]
+    project: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    backend: str
+    dtype: str
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.project(self.tap(z), z if self.lb.cfg.latent_skip else None)
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -226,11 +279,33 @@ def _extra(n: int, scale: float, want: int) -> int:
     return e
 
 
-def bridge_record(lb: LoadedBridge, z: torch.Tensor, rec: L.LatentRecord, path: str) -> L.LatentRecord:
-    """Run ``lb`` on the (unpacked, source-space) latent ``z`` of ``rec`` and record the geometry.
+def _to_original(f: torch.Tensor, d: int, top: int, left: int, orig: tuple[int, int], scaled: tuple[int, int],
+                 mult: int) -> torch.Tensor:
+    """Cells of ``d`` pixels at a remapped source's scale -> cells of ``d`` pixels of the original photo,
+    replicate-padded to a multiple of ``mult`` cells.
+
+    Resample with the exact pixel ratio orig/scaled (not "crop, then stretch to n cells", which would
+    stretch the photo by up to d-1 pixels when orig is not a multiple of d): output cell i covers
+    original pixels [i d, (i + 1) d). The rows past the scaled area (the source's own padding, then
+    replicate) feed the last, partial cell, which the target's padding holds."""
+    f = f[..., round(top / d):, round(left / d):]
+    (oh, ow), (sh, sw) = orig, scaled
+    nh, nw = math.ceil(oh / d), math.ceil(ow / d)
+    sy, sx = oh / sh, ow / sw
+    eh, ew = _extra(f.shape[-2], sy, nh), _extra(f.shape[-1], sx, nw)
+    if eh or ew:
+        f = F.pad(f, (0, ew, 0, eh), mode="replicate")
+    g = F.interpolate(f, scale_factor=(sy, sx), mode="bilinear", antialias=True, align_corners=False,
+                      recompute_scale_factor=False)[..., :nh, :nw]
+    return _pad_to(g, mult)[0]
+
+
+def bridge_record(br: BridgeRun, z: torch.Tensor, rec: L.LatentRecord, path: str) -> L.LatentRecord:
+    """Run the bridge ``br`` on the (unpacked, source-space) latent ``z`` of ``rec`` and record the geometry.
 
     The output's padding is replicate padding of the source latent (scale 1) or of the resampled tap
     features (remapped sources); either way it lies outside ``orig_size`` and ``decode`` crops it."""
+    lb = br.lb
     tgt, sf = lb.target.space, lb.source.space.factor
     h, w = z.shape[-2:]
     left, right, top, bottom = rec.padding
@@ -248,31 +323,19 @@ def bridge_record(lb: LoadedBridge, z: torch.Tensor, rec: L.LatentRecord, path: 
         # Same geometry as the source: pad the latent to whole target cells (4 for f8 -> f32) and
         # record the added cells as image padding on the right/bottom.
         zp, ph, pw = _pad_to(z, tgt.factor // sf)
-        y = lb(zp).float()
+        y = br(zp).float()
         return L.LatentRecord(latent=y.cpu(), scale=rec.scale, filter=rec.filter, orig_size=orig, scaled_size=scaled,
                               padding=(left, right + pw * sf, top, bottom + ph * sf), **rec_kw)
     # A remapped source (encoded at --scale s) describes the photo at s times its size. The target
     # space's encoder would see the photo at its own scale (the pixel path decodes back to orig_size
-    # first, as `decode` does), so the tap features are resampled to the original scale here and
-    # the output records scale 1.
+    # first, as `decode` does), so the tap features (and the latent the projector also reads, with
+    # latent_skip) are resampled to the original scale here and the output records scale 1.
     d = lb.divisor
-    f = lb.tap(z).float()
-    f = f[..., round(top / d):, round(left / d):]
-    (oh, ow), (sh, sw) = orig, scaled
-    nh, nw = math.ceil(oh / d), math.ceil(ow / d)
-    # Resample with the exact pixel ratio orig/scaled (not "crop, then stretch to nh x nw cells", which
-    # would stretch the photo by up to d-1 pixels when orig is not a multiple of d): output cell i
-    # covers original pixels [i d, (i + 1) d). The rows past the scaled area (the source's own padding,
-    # then replicate) feed the last, partial cell, which the target's padding holds.
-    sy, sx = oh / sh, ow / sw
-    eh, ew = _extra(f.shape[-2], sy, nh), _extra(f.shape[-1], sx, nw)
-    if eh or ew:
-        f = F.pad(f, (0, ew, 0, eh), mode="replicate")
-    g = F.interpolate(f, scale_factor=(sy, sx), mode="bilinear", antialias=True, align_corners=False,
-                      recompute_scale_factor=False)[..., :nh, :nw]
-    g, _, _ = _pad_to(g, tgt.factor // d)
-    y = lb.projector(g).float()
+    g = _to_original(br.tap(z).float().cpu(), d, top, left, orig, scaled, tgt.factor // d)
+    zs = _to_original(z.float().cpu(), sf, top, left, orig, scaled, tgt.factor // sf) if lb.cfg.latent_skip else None
+    y = br.project(g, zs).float()
     hp, wp = y.shape[-2] * tgt.factor, y.shape[-1] * tgt.factor
+    (oh, ow) = orig
     return L.LatentRecord(latent=y.cpu(), scale=1.0, filter="bilinear", orig_size=orig, scaled_size=orig,
                           padding=(0, wp - ow, 0, hp - oh), **rec_kw)
 

@@ -139,6 +139,22 @@ def get_backend(name: str, model_id: str, part: str = "decoder", precision: str 
     return TensorRTRunner(eng, profile=prof)
 
 
+def projector_runner(name: str, onnx_path: Path, sc: dict, precision: str, *, threads: int | None = None) -> Runner:
+    """A runner for an exported bridge projector (vaepack.export.bridge) on an ONNX backend at a float
+    precision: ``runner(image[, latent])`` -> target latent."""
+    backend = _norm_backend(name)
+    if backend not in ("openvino", "onnxruntime"):
+        raise UsageError(f"a bridge's projector graph runs on openvino or onnxruntime, not {backend}")
+    _check_precision(backend, precision)
+    if precision not in ("fp32", "bf16"):
+        raise UsageError(f"a bridge's projector graph runs at fp32 or bf16, not {precision}")
+    if backend == "onnxruntime":
+        O.require_onnxruntime()
+        return OnnxRuntimeRunner(onnx_path, sc, precision, threads=threads)
+    O.require_openvino()
+    return OpenVINORunner(onnx_path, sc, precision, threads=threads)
+
+
 def available_backends() -> dict[str, str | None]:
     """Backend -> None if usable here, else the reason (one line, with the install hint)."""
     out: dict[str, str | None] = {"torch": None}

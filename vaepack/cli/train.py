@@ -195,6 +195,12 @@ def train_bridge(
     batch: int = typer.Option(8, "--batch"),
     crop: int = typer.Option(256, "--crop", help="Training crop in px (a multiple of 32)."),
     crops_per_image: int = typer.Option(8, "--crops-per-image", help="Random crops per photo, encoded once and cached."),
+    min_scale: float = typer.Option(1.0, "--min-scale", help="Shrink each photo by a random factor in [this, 1] before "
+                                    "each crop (1: no scale jitter)."),
+    pairs_backend: str = typer.Option("torch", "--pairs-backend", help="Runtime that encodes the source latents (and "
+                                      "decodes them for the rgb tap) when building pairs: torch, openvino, auto..."),
+    latent_skip: int = typer.Option(0, "--latent-skip", help="The projector also reads the source latent at its 1/8 "
+                                    "point (1), also pooled at 1/16 (2) and 1/32 (3): zero-initialized 1x1 convs."),
     lr: float = typer.Option(3e-4, "--lr"),
     ema: float = typer.Option(0.999, "--ema", help="EMA decay of the exported weights."),
     w_mse: float = typer.Option(1.0, "--w-mse", help="Latent MSE weight."),
@@ -226,7 +232,8 @@ def train_bridge(
         raise UsageError(f"--blocks must be 4 comma-separated counts, got {blocks!r}") from None
     cfg = BridgeTrainConfig(data, out, source=source, target=target, tap=tap, blocks=blk, adapter_blocks=adapter_blocks,
                             warm_start=not no_warm_start, w_feat=w_feat,
-                            steps=steps, batch=batch, crop=crop, crops_per_image=crops_per_image, lr=lr, ema=ema,
+                            steps=steps, batch=batch, crop=crop, crops_per_image=crops_per_image,
+                            min_scale=min_scale, pairs_backend=pairs_backend, latent_skip=latent_skip, lr=lr, ema=ema,
                             w_mse=w_mse, w_l1=w_l1, w_attn=w_attn, attn_tau=attn_tau, resume=resume,
                             max_minutes=budget_minutes, seed=seed, threads=threads, device=device, bf16=bf16,
                             cache_path=cache,

@@ -17,6 +17,13 @@ spatial prior, plus a *compact learnable projector* into the target space. Here:
   TAESana's features at that point (``entry_index``; vaepack.train.bridge ``w_feat``). With the
   ``rgb`` tap there is no adapter: the projector *is* the TAESana encoder, and the untrained bridge
   equals the pixel path exactly.
+- ``latent_skip`` (optional): the source latent itself enters the projector where its features are
+  at 1/8 of the image (the f32 encoder's ``s1.b0``), through a zero-initialized 1x1 conv added to
+  them, and with ``skip_stages`` 2 or 3 also average-pooled at 1/16 (``s2.b0``) and 1/32 (``s3.b0``).
+  A decoded image has lost what the source decoder could not draw; the latent still holds it. Zero
+  init: the untrained skip leaves the bridge what it was (the pixel path for ``rgb``); it costs
+  latent_channels x width MACs per cell where it enters (0.01% of the rgb bridge). Measured in
+  benchmarks/results/bridge.md.
 
 Tensors are raw latents of each space (TAE latents already are diffusion-space latents), images [0, 1].
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vaepack.models import tae
@@ -53,6 +61,8 @@ class BridgeConfig:
     # Blocks per stage of the f32 encoder (H/4, H/8, H/16, H/32); None = TAESana's (1, 3, 3, 3).
     blocks: tuple[int, ...] | None = None
     adapter_blocks: int = 0  # TAE blocks inside the adapter (0: one linear conv)
+    latent_skip: int = 0  # source latent channels added in at the projector's 1/8 point (0: no skip)
+    skip_stages: int = 1  # where the latent enters: 1/8 only (1), also 1/16 (2), also 1/32 (3)
 
     def __post_init__(self):
         if self.tap not in TAP_DIVISOR:
@@ -61,6 +71,11 @@ class BridgeConfig:
             raise ValueError("the rgb tap has 3 channels")
         if self.adapter_blocks < 0 or (self.tap == "rgb" and self.adapter_blocks):
             raise ValueError("adapter_blocks must be >= 0 (and 0 for the rgb tap, which has no adapter)")
+        if not 1 <= self.skip_stages <= 3:
+            raise ValueError(f"skip_stages must be 1, 2 or 3, got {self.skip_stages}")
+        if self.latent_skip < 0 or (self.latent_skip and TAP_DIVISOR[self.tap] > 4):
+            raise ValueError("latent_skip needs a tap at 1/4 of the image or finer (its entry lies before "
+                             "the projector's 1/8 point) and a channel count >= 0")
         if self.blocks is not None:
             object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
 
@@ -105,13 +120,44 @@ class Bridge(nn.Module):
         adapter = _adapter(cfg)
         layers = list(tae.encoder(cfg.target_encoder()))[self.first:]
         self.layers = nn.Sequential(*([adapter] if adapter is not None else []), *layers)
+        self.skip_at: dict[int, int] = {}  # layer index -> its skip conv (pooling 2**k for the k-th)
+        if cfg.latent_skip:
+            kept = tae.roles("encoder", cfg.target_encoder())[self.first:]
+            off = 0 if adapter is None else 1
+            try:
+                self.skip_at = {kept.index(f"s{k + 1}.b0") + off: k for k in range(cfg.skip_stages)}
+            except ValueError:
+                raise ValueError("latent_skip enters at the first block of stages 1..skip_stages; this "
+                                 "projector has none in one of them") from None
+            self.skip = nn.ModuleList(nn.Conv2d(cfg.latent_skip, cfg.width, 1) for _ in range(cfg.skip_stages))
+            for c in self.skip:
+                nn.init.zeros_(c.weight)
+                nn.init.zeros_(c.bias)
 
     def adapt(self, feats: torch.Tensor) -> torch.Tensor:
         """The adapter's output: the f32 encoder's features at the entry point (identity for rgb)."""
         return feats if self.cfg.tap == "rgb" else self.layers[0](feats)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.layers(feats)
+    def forward(self, feats: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """``z``: the source latent (1/8 of the image) when the config has ``latent_skip``."""
+        return self.tail(feats, 0, z)
+
+    def tail(self, h: torch.Tensor, start: int, z: torch.Tensor | None = None) -> torch.Tensor:
+        """``self.layers[start:]`` on ``h`` (``start`` 1: after the adapter), with the latent skip."""
+        if not self.skip_at:
+            return self.layers[start:](h)
+        if z is None:
+            raise ValueError("this bridge takes the source latent too (latent_skip)")
+        for i in range(start, len(self.layers)):
+            k = self.skip_at.get(i)
+            if k is not None:
+                zk = z.to(h.dtype) if k == 0 else F.avg_pool2d(z.to(h.dtype), 2 ** k)
+                if zk.shape[-2:] != h.shape[-2:]:
+                    raise ValueError(f"the source latent is {tuple(z.shape[-2:])} cells but the projector's 1/8 "
+                                     f"features are {tuple(2 ** k * n for n in h.shape[-2:])}")
+                h = h + self.skip[k](zk)
+            h = self.layers[i](h)
+        return h
 
 
 def warm_start(bridge: Bridge, target_encoder_sd: dict[str, torch.Tensor]) -> int:

@@ -94,30 +94,55 @@ def frozen_parts(source: str, target: str, device: torch.device):
 # ----------------------------------------------------------------------------- training pairs
 def training_crops(cfg: BridgeTrainConfig) -> torch.Tensor:
     """uint8 (N, 3, crop, crop): ``crops_per_image`` random crops of every photo, each mirrored with
-    probability 1/2, in a fixed order from ``cfg.seed``."""
+    probability 1/2, in a fixed order from ``cfg.seed``; with ``cfg.min_scale`` < 1 each crop comes
+    from the photo shrunk (antialiased bilinear, vaepack.tiling.resize) by a random factor in
+    [min_scale, 1], never below the crop size: more views of the same 279 photos (the bridge's
+    limit was its training set, benchmarks/results/bridge.md)."""
+    from vaepack.tiling import resize
+
     rng = random.Random(cfg.seed)
     images = load_images(cfg.data_dir, min_side=cfg.crop)
     crops = []
     for _, img in images:
-        _, h, w = img.shape
+        _, h0, w0 = img.shape
         for _ in range(cfg.crops_per_image):
+            src = img
+            if cfg.min_scale < 1:
+                s = max(rng.uniform(cfg.min_scale, 1.0), cfg.crop / min(h0, w0))
+                size = (max(cfg.crop, round(h0 * s)), max(cfg.crop, round(w0 * s)))
+                if size != (h0, w0):
+                    src = (resize(img[None].float() / 255, size)[0].clamp(0, 1) * 255).round().to(torch.uint8)
+            _, h, w = src.shape
             y, x = rng.randint(0, h - cfg.crop), rng.randint(0, w - cfg.crop)
-            c = img[:, y:y + cfg.crop, x:x + cfg.crop]
+            c = src[:, y:y + cfg.crop, x:x + cfg.crop]
             crops.append(c.flip(-1) if rng.random() < 0.5 else c)
     return torch.stack(crops)
 
 
 def pairs_key(cfg: BridgeTrainConfig, shas: dict) -> dict:
     return {"version": PAIRS_VERSION, "data": str(cfg.data_dir.resolve()), "crop": cfg.crop,
-            "crops_per_image": cfg.crops_per_image, "seed": cfg.seed,
+            "crops_per_image": cfg.crops_per_image, "seed": cfg.seed, "min_scale": cfg.min_scale,
+            "pairs_backend": cfg.pairs_backend,
             "source_encoder": shas["source_encoder"], "target_encoder": shas["target_encoder"]}
+
+
+def source_runtime(cfg: BridgeTrainConfig):
+    """The source model on ``cfg.pairs_backend`` (None for torch: the frozen fp32 modules are used),
+    for the pairs' latents and, with the rgb tap, their decoded images."""
+    if cfg.pairs_backend == "torch":
+        return None
+    from vaepack.runtime import load_vae
+
+    parts = ("encoder", "decoder") if cfg.tap == "rgb" else ("encoder",)
+    return load_vae(cfg.source, parts=parts, device=cfg.device, dtype=None, backend=cfg.pairs_backend)
 
 
 @torch.no_grad()
 def build_pairs(cfg: BridgeTrainConfig, senc: nn.Module, tenc: nn.Module, shas: dict, device: torch.device,
-                progress: Progress | None = None) -> dict:
-    """The training crops (``x``, uint8) through both frozen encoders in fp32 (``z``, ``t``, fp16),
-    cached in ``cfg.cache_path`` (reused when made from the same photos, crops and weights)."""
+                progress: Progress | None = None, runtime=None) -> dict:
+    """The training crops (``x``, uint8) through both frozen encoders (``z``, ``t``, fp16), cached in
+    ``cfg.cache_path`` (reused when made from the same photos, crops, weights and runtime). The target
+    always in torch fp32; the source in fp32 or on ``runtime`` (a ``VAE`` from ``source_runtime``)."""
     path = cfg.cache_path or cfg.out_dir / "pairs.pt"
     key = pairs_key(cfg, shas)
     if path.exists():
@@ -131,7 +156,7 @@ def build_pairs(cfg: BridgeTrainConfig, senc: nn.Module, tenc: nn.Module, shas: 
     zs, ts = [], []
     for i in range(0, x.shape[0], 16):
         x01 = x[i:i + 16].to(device).float() / 255
-        zs.append(senc(x01).half().cpu())
+        zs.append((runtime.encode(x01) if runtime is not None else senc(x01)).half().cpu())
         ts.append(tenc(x01).half().cpu())
         if progress:
             progress({"phase": "pairs", "step": min(i + 16, x.shape[0]), "total": x.shape[0]})
@@ -143,12 +168,16 @@ def build_pairs(cfg: BridgeTrainConfig, senc: nn.Module, tenc: nn.Module, shas: 
 
 @torch.no_grad()
 def tap_features(tap: nn.Module, z_all: torch.Tensor, device: torch.device, cfg: BridgeTrainConfig,
-                 pairs_key: dict, decoder_sha: str) -> torch.Tensor | None:
+                 pairs_key: dict, decoder_sha: str, runtime=None) -> torch.Tensor | None:
     """The frozen tap's output for every training pair, computed once (fp16) and kept beside the pair
     cache (``<cache>.tap-<tap>.pt``), when it fits in ``cfg.cache_tap_gb``: the deep taps (s2, rgb)
-    cost more than the projector's training step."""
+    cost more than the projector's training step. With a ``runtime`` (rgb tap), its decoder decodes:
+    the images a converted latent's bridge sees when the tap runs on that runtime."""
     path = (cfg.cache_path or cfg.out_dir / "pairs.pt").with_suffix(f".tap-{cfg.tap}.pt")
-    key = {"pairs": pairs_key, "source_decoder": decoder_sha, "tap": cfg.tap, "bf16": cfg.bf16}
+    key = {"pairs": pairs_key, "source_decoder": decoder_sha, "tap": cfg.tap, "bf16": cfg.bf16,
+           "runtime": runtime.runtime("decoder") if runtime is not None else None}
+    if runtime is not None:
+        tap = runtime.decode
     if path.exists():
         c = torch.load(path, weights_only=True)
         if c.get("key") == key:
@@ -175,7 +204,8 @@ def tap_features(tap: nn.Module, z_all: torch.Tensor, device: torch.device, cfg:
 def bridge_meta(cfg: BridgeTrainConfig, bcfg: B.BridgeConfig) -> dict:
     return {"source": cfg.source, "target": cfg.target, "tap": bcfg.tap, "tap_channels": bcfg.tap_channels,
             "target_channels": bcfg.target_channels, "width": bcfg.width,
-            "blocks": list(bcfg.blocks) if bcfg.blocks else None, "adapter_blocks": bcfg.adapter_blocks}
+            "blocks": list(bcfg.blocks) if bcfg.blocks else None, "adapter_blocks": bcfg.adapter_blocks,
+            "latent_skip": bcfg.latent_skip, "skip_stages": bcfg.skip_stages}
 
 
 def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -> dict:
@@ -184,12 +214,15 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
     cfg.validate()
     with training_session(cfg.out_dir, cfg.resume, cfg.threads, cfg.device, cfg.seed) as (run_dir, ckpt, device, rng):
         senc, sdec, roles, tenc, shas, sentry, tentry = frozen_parts(cfg.source, cfg.target, device)
-        pairs = build_pairs(cfg, senc, tenc, shas, device, progress)
+        runtime = source_runtime(cfg)
+        pairs = build_pairs(cfg, senc, tenc, shas, device, progress, runtime)
         del senc
         tap = B.Tap(sdec, roles, cfg.tap).eval()
         bcfg = B.BridgeConfig(tap=cfg.tap, tap_channels=tap.out_channels(sentry.space.channels),
                               target_channels=tentry.space.channels, blocks=cfg.blocks,
-                              adapter_blocks=cfg.adapter_blocks)
+                              adapter_blocks=cfg.adapter_blocks,
+                              latent_skip=sentry.space.channels if cfg.latent_skip else 0,
+                              skip_stages=max(1, cfg.latent_skip))
         model = B.Bridge(bcfg).to(device)
         if cfg.warm_start:
             n = B.warm_start(model, {k: v.float() for k, v in tenc.state_dict().items()})
@@ -213,8 +246,10 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
                                "torch_rng": torch.get_rng_state(), "shas": shas}, ckpt)
 
         z_all, t_all, x_all = pairs["z"], pairs["t"], pairs["x"]
-        f_all = tap_features(tap, z_all, device, cfg, pairs["key"], shas["source_decoder"]) \
+        f_all = tap_features(tap, z_all, device, cfg, pairs["key"], shas["source_decoder"], runtime) \
             if cfg.cache_tap_gb > 0 else None
+        if f_all is None and runtime is not None:
+            raise UsageError(f"--pairs-backend {cfg.pairs_backend} needs the tap features cached (--cache-tap-gb)")
         n_pairs = z_all.shape[0]
         slog = StepLog(cfg.steps, cfg.log_every, step, cfg.save_every_minutes, progress)
         with Stop(cfg.max_minutes) as stop:
@@ -228,7 +263,7 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
                     g["lr"] = warmup_cosine_lr(step, cfg.steps, cfg.lr)
                 with autocast(device, cfg.bf16):
                     a = model.adapt(feats)
-                    pred = model.layers[1:](a) if bcfg.tap != "rgb" else model(a)
+                    pred = model.tail(a, 0 if bcfg.tap == "rgb" else 1, z if bcfg.latent_skip else None)
                 terms = bridge_loss(pred.float(), t, cfg, a.float(), ft)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()

@@ -277,8 +277,12 @@ class BridgeTrainConfig:
     Loss: ``w_mse`` ||P(D_s(z)) - E_t(x)||^2 + ``w_l1`` |.| (the latent reconstruction objective) +
     ``w_attn`` x attention fidelity (KL between the row-softmax token affinities of target and
     prediction at temperature ``attn_tau``; vaepack's reading of the paper's abstract-level term).
-    Training pairs are ``crops_per_image`` random ``crop`` px crops of each photo (random mirror),
-    encoded once by both frozen encoders and cached (``cache_path``)."""
+    Training pairs are ``crops_per_image`` random ``crop`` px crops of each photo (random mirror; each
+    photo first shrunk by a random factor in [``min_scale``, 1] when that is < 1), encoded once by both
+    frozen encoders and cached (``cache_path``). ``pairs_backend``: the runtime (vaepack.runtime.load_vae,
+    e.g. auto = OpenVINO bf16 here) that encodes the source latents and, for the rgb tap, decodes them;
+    the targets are always the target encoder in torch fp32. ``latent_skip``: the projector also reads
+    the source latent at that many of its stages (1/8, 1/16, 1/32; models.bridge.BridgeConfig)."""
 
     data_dir: Path
     out_dir: Path
@@ -292,6 +296,9 @@ class BridgeTrainConfig:
     batch: int = 8
     crop: int = 256
     crops_per_image: int = 8
+    min_scale: float = 1.0
+    pairs_backend: str = "torch"
+    latent_skip: int = 0
     lr: float = 3e-4
     ema: float = 0.999
     w_mse: float = 1.0
@@ -327,6 +334,16 @@ class BridgeTrainConfig:
             raise UsageError("--steps, --batch and --crops-per-image must be >= 1")
         if self.crop < 32 or self.crop % 32:
             raise UsageError(f"--crop must be a multiple of 32 (the target's factor), got {self.crop}")
+        if not 0 < self.min_scale <= 1:
+            raise UsageError(f"--min-scale must be in (0, 1], got {self.min_scale}")
+        if self.pairs_backend != "torch" and self.tap not in ("rgb", "latent"):
+            raise UsageError(f"--pairs-backend {self.pairs_backend} gives latents and decoded images only; the "
+                             f"'{self.tap}' tap's features come from torch", hint="use --pairs-backend torch")
+        if not 0 <= self.latent_skip <= 3:
+            raise UsageError(f"--latent-skip is a number of projector stages, 0 to 3, got {self.latent_skip}")
+        if self.latent_skip and self.tap in ("latent", "s0"):
+            raise UsageError(f"--latent-skip adds the latent at the projector's 1/8 point, which the '{self.tap}' tap "
+                             "enters after", hint="use a tap at 1/4 of the image or finer (s1, s2, pre_rgb, rgb)")
         if self.adapter_blocks < 0 or (self.tap == "rgb" and self.adapter_blocks):
             raise UsageError("--adapter-blocks must be >= 0 (and 0 with --tap rgb, which has no adapter)")
         if min(self.w_mse, self.w_l1, self.w_attn, self.w_feat) < 0 or self.w_mse + self.w_l1 == 0:
