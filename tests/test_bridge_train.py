@@ -249,6 +249,25 @@ def test_rgb_latent_skip_run_on_runtime_pairs(tmp_path, shared_weights):
         assert "skip.1.weight" in h.keys()
 
 
+def test_train_skip_learns_only_the_skip_convs(tmp_path, shared_weights):
+    """--train skip: the projector stays TAESana's encoder (bit for bit), only the skip convs move."""
+    from vaepack.loader import load_part
+
+    data = _images(tmp_path / "data", n=2)
+    out = tmp_path / "run"
+    run_train_bridge(_cfg(data, out, tap="rgb", blocks=None, steps=8, latent_skip=1, train="skip"))
+    c = torch.load(out / "checkpoint.pt", weights_only=False)
+    enc = load_part("taesana", "encoder")[0].state_dict()
+    for k, v in c["model"].items():
+        if k.startswith("layers."):
+            torch.testing.assert_close(v, enc[k[len("layers."):]].float(), rtol=0, atol=0)
+    assert c["model"]["skip.0.weight"].abs().max() > 0
+    for kw in ({"train": "skip", "tap": "rgb"}, {"train": "skip", "tap": "s2", "latent_skip": 1},
+               {"train": "most"}):
+        with pytest.raises(UsageError, match="--train"):
+            BridgeTrainConfig(data, tmp_path / "r", **kw).validate()
+
+
 def test_shipped_bridge_is_closer_to_taesana_than_the_pixel_path(shared_weights, shared):
     """The manifest's FLUX.2 -> Sana bridge against an external oracle, TAESana's own encoder on the
     photo: on center 256 px crops of six dev photos its pooled relative MSE is below the pixel path's

@@ -230,7 +230,10 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
         # The target encoder's layers before the bridge's entry point give the adapter's feature target.
         prefix = tenc[:B.entry_index(bcfg)] if cfg.w_feat > 0 and bcfg.tap != "rgb" else None
         ema = copy.deepcopy(model).eval().requires_grad_(False)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        if cfg.train == "skip":  # only the latent-skip convs learn: the projector stays the target encoder
+            model.requires_grad_(False)
+            model.skip.requires_grad_(True)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
         meta = bridge_meta(cfg, bcfg)
         step = 0
         c = resume_checkpoint(ckpt, meta, device, rng, "bridge")

@@ -306,6 +306,7 @@ class BridgeTrainConfig:
     w_attn: float = 0.0
     attn_tau: float = 0.1
     w_feat: float = 0.0  # adapter output vs the target encoder's features at the entry point (MSE / variance)
+    train: str = "all"  # all: the whole projector learns; skip: only the latent-skip convs (the rest stays the warm start)
     attn_max_tokens: int = 32  # affinities on at most 32x32 tokens (average-pooled above)
     resume: bool = False
     max_minutes: float | None = None
@@ -339,6 +340,11 @@ class BridgeTrainConfig:
         if self.pairs_backend != "torch" and self.tap not in ("rgb", "latent"):
             raise UsageError(f"--pairs-backend {self.pairs_backend} gives latents and decoded images only; the "
                              f"'{self.tap}' tap's features come from torch", hint="use --pairs-backend torch")
+        if self.train not in ("all", "skip"):
+            raise UsageError(f"--train must be all or skip, got {self.train!r}")
+        if self.train == "skip" and (not self.latent_skip or self.tap != "rgb" or not self.warm_start):
+            raise UsageError("--train skip learns only the latent-skip convs of a warm-started rgb bridge",
+                             hint="add --tap rgb --latent-skip N")
         if not 0 <= self.latent_skip <= 3:
             raise UsageError(f"--latent-skip is a number of projector stages, 0 to 3, got {self.latent_skip}")
         if self.latent_skip and self.tap in ("latent", "s0"):
