@@ -9,7 +9,9 @@ For every dev photo x: reference T = E_t(x) (TAESana's encoder), source z = E_s(
 Latent agreement (vaepack.metrics.latent_agreement: relative MSE = MSE / variance of the targets,
 cosine, per-channel mean/std gaps) on center crops (default 256 px, the issue's protocol) and on the
 full photos (cropped to a multiple of 32 px, so no padding convention enters the comparison). Cost:
-MACs (vaepack.flops) and latency at --size px, batch 1, median of --repeat runs, same process.
+MACs (vaepack.flops) and latency at --size px, batch 1, same process: after all accuracy rows, --repeat
+interleaved rounds (each round times every path once, vaepack.bench.run.time_call), median per path, so
+a slow spell of the machine hits every path alike.
 
     python benchmarks/bridge.py --data ../shared/data/dev --bridge RUN/bridge.safetensors ... [--json out.json]
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -146,9 +149,17 @@ def main(argv=None) -> int:
                 if skip:
                     proj = _NoSkip(proj)
                 macs = (count_macs(tap, zshape) if len(tap.layers) else 0) + count_macs(proj, fshape) + skip
-            row.update({"gmacs": macs / 1e9, "trainable_params": params, "latency_ms": time_call(TimedCall(fn), zlat, 1, a.repeat, dev).median_ms})
+            row.update({"gmacs": macs / 1e9, "trainable_params": params})
+            time_call(TimedCall(fn), zlat, 1, 0, dev)  # warm-up (compiles a graph runtime)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
+        times: dict[str, list[float]] = {r["path"]: [] for r in rows}
+        for _ in range(a.repeat):
+            for r in rows:
+                times[r["path"]] += time_call(TimedCall(paths[r["path"]][0]), zlat, 0, 1, dev).times
+        for r in rows:
+            r["latency_ms"] = 1000 * statistics.median(times[r["path"]])
+            r["latency_runs_ms"] = [round(1000 * t, 1) for t in times[r["path"]]]
     base = rows[0]
     lines = [f"| path | runtime | crop rel MSE | crop cosine | crop attn KL | full rel MSE | full cosine | mean gap | std gap | GMAC @{a.size} | ms @{a.size} | vs pixel: error / MACs / ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

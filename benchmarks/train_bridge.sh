@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
 # The FLUX.2 -> Sana bridges of issue 14 (paper 001) and the variants in benchmarks/results/bridge.md.
 #
-#   usage: benchmarks/train_bridge.sh shipped|variants|skip|export
+#   usage: benchmarks/train_bridge.sh shipped|skip|variants|old|export
 #
-# `variants` share one training-pair cache (PAIRS: 8 random 256 px crops of each training photo, mirrored
+# `variants` (the first table of benchmarks/results/bridge.md) share one training-pair cache (PAIRS: 8 random 256 px crops of each training photo, mirrored
 # at random, through TAEF2's and TAESana's encoders in fp32; built by the first run, ~14 min on 2 cores)
-# and one tap-feature cache per tap beside it (PAIRS.tap-<tap>.pt). `skip` and `shipped` share PAIRS16:
-# 16 crops per photo from the photo shrunk by a random factor in [0.5, 1], TAEF2's latents and decoded
-# crops from OpenVINO bf16 (`--pairs-backend auto`, the runtime `convert` runs the bridge on), TAESana's
-# targets in torch fp32 (~7 min on 2 cores). Runs resume with --resume.
-# `shipped` made vaepack/weights/bridge-taef2-taesana-rgb.safetensors (`export` copies it there).
+# and one tap-feature cache per tap beside it (PAIRS.tap-<tap>.pt). `skip` (the latent-skip table) shares
+# PAIRS16: 16 crops per photo from the photo shrunk by a random factor in [0.5, 1], TAEF2's latents and
+# decoded crops from OpenVINO bf16 (`--pairs-backend auto`, the runtime `convert` runs the bridge on),
+# TAESana's targets in torch fp32 (~7 min on 2 cores); `shipped` has PAIRS32 (32 crops per photo, ~16 min).
+# Runs resume with --resume. `shipped` made vaepack/weights/bridge-taef2-taesana-rgb-skip.safetensors
+# (`export` copies it there).
 set -euo pipefail
 DATA=${DATA:-../shared/data/train}
 RUNS=${RUNS:-runs/bridge}
 PAIRS=${PAIRS:-$RUNS/pairs256.pt}
+PAIRS16=${PAIRS16:-$RUNS/pairs16.pt}
+PAIRS32=${PAIRS32:-$RUNS/pairs32.pt}
+JIT=(--tap rgb --min-scale 0.5 --pairs-backend auto)
 COMMON=(--source taef2 --target taesana --data "$DATA" --cache "$PAIRS" --threads 1)
 mkdir -p "$RUNS"
 case "${1:-}" in
-  shipped)   # the rgb tap: TAESana's encoder fine-tuned on TAEF2's decoded crops (starts as the pixel path)
+  shipped)   # the rgb tap + the latent at 1/8: TAESana's encoder fine-tuned on TAEF2's decoded crops (starts as the pixel path)
+    vaepack train-bridge --source taef2 --target taesana --data "$DATA" --cache "$PAIRS32" "${JIT[@]}" --crops-per-image 32 \
+      --latent-skip 1 --steps 6000 --lr 1e-4 --threads 2 --out "$RUNS/rgb32-s1" --resume ;;
+  skip)      # 16 crops per photo: no skip / skip at 1/8 (3000, 8000 steps) / at 1/8, 1/16, 1/32 / only the skip learns
+    S=(--source taef2 --target taesana --data "$DATA" --cache "$PAIRS16" "${JIT[@]}" --crops-per-image 16 --lr 1e-4 --threads 1 --resume)
+    vaepack train-bridge "${S[@]}" --steps 3000 --out "$RUNS/rgb16"
+    vaepack train-bridge "${S[@]}" --steps 3000 --latent-skip 1 --out "$RUNS/rgb16-s1-3k"
+    vaepack train-bridge "${S[@]}" --steps 8000 --latent-skip 1 --out "$RUNS/rgb16-s1-8k"
+    vaepack train-bridge "${S[@]}" --steps 8000 --latent-skip 3 --out "$RUNS/rgb16-s3-8k"   # measured stopped (Ctrl-C) at 5212
+    vaepack train-bridge "${S[@]}" --steps 3000 --latent-skip 3 --train skip --lr 1e-3 --out "$RUNS/rgb16-s3-skiponly" ;;
+  old)       # the bridge shipped before (8 crops per photo at scale 1, no latent skip)
     vaepack train-bridge "${COMMON[@]}" --out "$RUNS/rgb" --tap rgb --steps 1500 --lr 1e-4 --resume ;;
   variants)  # the comparison of taps and loss terms (each from TAESana's layers; the adapter is new)
     vaepack train-bridge "${COMMON[@]}" --out "$RUNS/s0-a2f0" --tap s0 --adapter-blocks 2 --steps 3000 --resume
@@ -28,7 +42,7 @@ case "${1:-}" in
     vaepack train-bridge "${COMMON[@]}" --out "$RUNS/prergb" --tap pre_rgb --w-feat 1 --steps 400 --batch 4 --resume
     vaepack train-bridge "${COMMON[@]}" --out "$RUNS/rgb2" --tap rgb --steps 3000 --lr 5e-5 --resume ;;
   export)
-    cp "$RUNS/rgb/bridge.safetensors" vaepack/weights/bridge-taef2-taesana-rgb.safetensors
-    sha256sum vaepack/weights/bridge-taef2-taesana-rgb.safetensors ;;
-  *) echo "usage: $0 shipped|variants|export" >&2; exit 2 ;;
+    cp "$RUNS/rgb32-s1/bridge.safetensors" vaepack/weights/bridge-taef2-taesana-rgb-skip.safetensors
+    sha256sum vaepack/weights/bridge-taef2-taesana-rgb-skip.safetensors ;;
+  *) echo "usage: $0 shipped|skip|variants|old|export" >&2; exit 2 ;;
 esac
