@@ -127,7 +127,11 @@ def export_bridge_onnx(lb: LoadedBridge, out_dir: str | Path, name: str | None =
                      "vaepack.version": __version__}.items():
             model.metadata_props.add(key=k, value=v)
         onnx.save(model, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"the bridge graph fails the ONNX checker: {str(e).splitlines()[0][:200]}",
+                              path=str(onnx_path)) from None
         worst = 0.0
         for i, (h, w) in enumerate(((64, 64), (96, 160))):
             xs = _example(lb, h, w, batch=1, seed=i + 1)
