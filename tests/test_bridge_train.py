@@ -161,7 +161,8 @@ def test_config_validation(tmp_path):
     for kw, msg in [({"tap": "s9"}, "tap"), ({"crop": 100}, "multiple of 32"), ({"steps": 0}, "steps"),
                     ({"w_mse": 0, "w_l1": 0}, "w-mse"), ({"blocks": (1, 2)}, "blocks"),
                     ({"tap": "s2", "pairs_backend": "openvino"}, "pairs-backend"),
-                    ({"tap": "s0", "latent_skip": 1}, "latent-skip"), ({"tap": "rgb", "latent_skip": 4}, "0 to 3")]:
+                    ({"tap": "s0", "latent_skip": 1}, "latent-skip"),
+                    ({"tap": "rgb", "pairs_backend": "openvino", "cache_tap_gb": 0}, "tap cache"), ({"tap": "rgb", "latent_skip": 4}, "0 to 3")]:
         with pytest.raises(UsageError, match=msg):
             BridgeTrainConfig(data, tmp_path / "r", **kw).validate()
 
@@ -247,6 +248,9 @@ def test_rgb_latent_skip_run_on_runtime_pairs(tmp_path, shared_weights):
         conf = json.loads(h.metadata()["config"])
         assert conf["latent_skip"] == 32 and conf["skip_stages"] == 2
         assert "skip.1.weight" in h.keys()
+    # the latent tap reads the runtime's latents as they are (its runtime has no decoder to run)
+    res = run_train_bridge(_cfg(data, tmp_path / "lat", tap="latent", steps=5, pairs_backend="openvino"))
+    assert res["step"] == 5 and res["tap"] == "latent"
 
 
 def test_train_skip_learns_only_the_skip_convs(tmp_path, shared_weights):

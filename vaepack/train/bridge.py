@@ -175,8 +175,8 @@ def tap_features(tap: nn.Module, z_all: torch.Tensor, device: torch.device, cfg:
     the images a converted latent's bridge sees when the tap runs on that runtime."""
     path = (cfg.cache_path or cfg.out_dir / "pairs.pt").with_suffix(f".tap-{cfg.tap}.pt")
     key = {"pairs": pairs_key, "source_decoder": decoder_sha, "tap": cfg.tap, "bf16": cfg.bf16,
-           "runtime": runtime.runtime("decoder") if runtime is not None else None}
-    if runtime is not None:
+           "runtime": runtime.runtime("decoder") if runtime is not None and cfg.tap == "rgb" else None}
+    if runtime is not None and cfg.tap == "rgb":
         tap = runtime.decode
     if path.exists():
         c = torch.load(path, weights_only=True)
@@ -187,6 +187,10 @@ def tap_features(tap: nn.Module, z_all: torch.Tensor, device: torch.device, cfg:
         one = tap(z_all[:1].to(device).float())
     gb = one.numel() * 2 * z_all.shape[0] / 2**30
     if gb > cfg.cache_tap_gb:
+        if runtime is not None and cfg.tap == "rgb":  # per step they would come from torch, not the runtime
+            raise UsageError(f"the decoded crops would take {gb:.1f} GB, over the {cfg.cache_tap_gb:.1f} GB tap cache "
+                             f"that --pairs-backend {cfg.pairs_backend} needs",
+                             hint="use fewer --crops-per-image, or --pairs-backend torch")
         log.info("tap features would take %.1f GB (> %.1f): computed per step", gb, cfg.cache_tap_gb)
         return None
     t0, out = time.time(), []
@@ -251,8 +255,6 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
         z_all, t_all, x_all = pairs["z"], pairs["t"], pairs["x"]
         f_all = tap_features(tap, z_all, device, cfg, pairs["key"], shas["source_decoder"], runtime) \
             if cfg.cache_tap_gb > 0 else None
-        if f_all is None and runtime is not None:
-            raise UsageError(f"--pairs-backend {cfg.pairs_backend} needs the tap features cached (--cache-tap-gb)")
         n_pairs = z_all.shape[0]
         slog = StepLog(cfg.steps, cfg.log_every, step, cfg.save_every_minutes, progress)
         with Stop(cfg.max_minutes) as stop:

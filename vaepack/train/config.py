@@ -340,6 +340,9 @@ class BridgeTrainConfig:
         if self.pairs_backend != "torch" and self.tap not in ("rgb", "latent"):
             raise UsageError(f"--pairs-backend {self.pairs_backend} gives latents and decoded images only; the "
                              f"'{self.tap}' tap's features come from torch", hint="use --pairs-backend torch")
+        if self.pairs_backend != "torch" and self.tap == "rgb" and self.cache_tap_gb <= 0:
+            raise UsageError(f"--pairs-backend {self.pairs_backend} decodes the crops once into the tap cache, which "
+                             "is off (cache_tap_gb 0)", hint="use --pairs-backend torch")
         if self.train not in ("all", "skip"):
             raise UsageError(f"--train must be all or skip, got {self.train!r}")
         if self.train == "skip" and (not self.latent_skip or self.tap != "rgb" or not self.warm_start):
