@@ -7,6 +7,7 @@ and, when ../shared exists, its weights folder as the only mirror, so no test re
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -125,6 +126,30 @@ def _assert_clean_error(err: str, *needles: str) -> str:
 def clean_error():
     """``clean_error(stderr, *needles)``: see ``_assert_clean_error``."""
     return _assert_clean_error
+
+
+@pytest.fixture
+def vaepack_warnings():
+    """Messages logged at WARNING or above on the "vaepack" logger during the test.
+
+    Not ``caplog``: once a CLI test has run in this process the "vaepack" logger has its own stderr
+    handler and ``propagate=False`` (cli/app.py), so records never reach caplog's root handler and a
+    caplog assertion would depend on test order."""
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    log = logging.getLogger("vaepack")
+    h = _Collect(level=logging.WARNING)
+    old_level = log.level
+    log.addHandler(h)
+    if log.getEffectiveLevel() > logging.WARNING:
+        log.setLevel(logging.WARNING)
+    yield messages
+    log.removeHandler(h)
+    log.setLevel(old_level)
 
 
 @pytest.fixture
