@@ -290,6 +290,34 @@ def test_groups_hold_eq4_members():
     assert torch.equal(g[1, 5], zd[0, 5 * 2 + 1])
 
 
+def test_zero_at_latent_keeps_base_only_and_lets_the_gradient_reach_z_d():
+    """--zero-init latent: z_d = 0 and the decoder still reproduces base only at step 0, but unlike the
+    zero injections (whose detail encoder gets no gradient at step 0) the detail encoder's output conv
+    gets a gradient from the first step."""
+    torch.manual_seed(0)
+    cfg = da.DAConfig()
+    x = torch.rand(1, 3, 64, 96)
+
+    def first_grad(enc, dec):
+        lat = enc(x)
+        y = dec(lat)
+        ((y - x) ** 2).mean().backward()
+        return lat, y, enc.detail.out.weight.grad.abs().max().item()
+
+    enc, dec = da.build("encoder", cfg), da.build("decoder", cfg)
+    _, _, g_inject = first_grad(enc, dec)
+    enc.zero_grad(), dec.zero_grad()
+    da.zero_at_latent(enc, dec)
+    lat, y, g_latent = first_grad(enc, dec)
+    assert torch.equal(lat[:, 32:], torch.zeros_like(lat[:, 32:]))
+    with torch.no_grad():
+        base = torch.nn.functional.interpolate(dec.base(lat[:, :32]), scale_factor=2, mode="bicubic",
+                                               align_corners=False)
+    assert torch.equal(y.detach(), base)
+    assert g_inject == 0.0 and g_latent > 0.0
+    assert all(c.weight.abs().max() > 0 for c in dec.inject)
+
+
 def test_train_config_errors(tmp_path):
     from vaepack.train.config import DATrainConfig
 
@@ -300,6 +328,8 @@ def test_train_config_errors(tmp_path):
         DATrainConfig(tmp_path / "d", tmp_path / "r", align="dm2").validate()
     with pytest.raises(UsageError, match="--stop-at"):
         DATrainConfig(tmp_path / "d", tmp_path / "r", steps=10, stop_at=11).validate()
+    with pytest.raises(UsageError, match="--zero-init"):
+        DATrainConfig(tmp_path / "d", tmp_path / "r", zero_init="both").validate()
     with pytest.raises(Exception, match="image"):
         DATrainConfig(tmp_path / "d", tmp_path / "r").validate()  # an empty folder
 

@@ -272,7 +272,7 @@ class _GlobalNorm:
         self.count, self.s1, self.s2 = 0, 0.0, 0.0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, g = x.shape[0], x.shape[1], self.gn.num_groups
+        n, g = x.shape[0], self.gn.num_groups
         if self.collecting:
             v = x[:, :, self.keep].float()
             self.s1 = self.s1 + v.sum((2, 3)).double().reshape(n, g, -1).sum(-1)

@@ -276,6 +276,8 @@ def train_da(
     detail_trunk: str = typer.Option("s2d", "--detail-trunk", help="Detail encoder trunk: s2d (the default encoder's, "
                                      "warm-started from it) or taef2 (TAEF2's, ~3x the cost)."),
     down_filter: str = typer.Option("bicubic", "--down-filter", help="The base branch's 2x downsample (antialiased)."),
+    zero_init: str = typer.Option("inject", "--zero-init", help="Where the detail path starts at zero: inject (the "
+                                  "decoder's injections) or latent (z_d itself; the injections start random)."),
     steps: int = typer.Option(3000, "--steps"),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Stop (checkpoint + export) at this step, keeping "
                                           "the learning-rate schedule of --steps (equal-step ablations)."),
@@ -310,7 +312,7 @@ def train_da(
             raise UsageError("--data is required to train", hint="or pass --export-only")
         cfg = DATrainConfig(data, out, detail_channels=detail_channels, align=align, align_weight=align_weight,
                             dm_real_steps=dm_real_steps,
-                            detail_trunk=detail_trunk, down_filter=down_filter, steps=steps, stop_at=stop_at, batch=batch, crop=crop,
+                            detail_trunk=detail_trunk, down_filter=down_filter, zero_init=zero_init, steps=steps, stop_at=stop_at, batch=batch, crop=crop,
                             lr=lr, new_lr_mult=new_lr_mult, ema=ema, w_l1=w_l1, w_msssim=w_msssim, resume=resume, max_minutes=budget_minutes,
                             seed=seed, threads=threads, device=device, bf16=bf16, command=command_line())
         prog, cb = _train_progress("train-da")

@@ -394,6 +394,9 @@ class DATrainConfig:
     detail_trunk: str = "s2d"  # vaepack.models.da.TRUNKS: s2d (from the default encoder) or taef2
     detail_blocks: int = 1
     head_blocks: int = 1
+    # Where the detail path starts at zero: "inject" (the decoder's injections, da.DADecoder) or
+    # "latent" (z_d itself, da.zero_at_latent). Both make step 0 reproduce "base only" exactly.
+    zero_init: str = "inject"
     steps: int = 3000
     stop_at: int | None = None  # stop at this step with the schedule of ``steps`` (equal-step ablations)
     batch: int = 8
@@ -441,6 +444,8 @@ class DATrainConfig:
             raise UsageError(f"--down-filter must be bicubic or bilinear, got {self.down_filter!r}")
         if self.detail_trunk not in ("s2d", "taef2"):
             raise UsageError(f"--detail-trunk must be s2d or taef2, got {self.detail_trunk!r}")
+        if self.zero_init not in ("inject", "latent"):
+            raise UsageError(f"--zero-init must be inject or latent, got {self.zero_init!r}")
         training_images(self.data_dir)
 
 

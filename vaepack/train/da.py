@@ -80,6 +80,7 @@ def run_meta(cfg: DATrainConfig, dcfg: da.DAConfig) -> dict:
     return {"base": cfg.base, "config": {k: getattr(dcfg, k) for k in dcfg.__dataclass_fields__},
             "align": cfg.align, "align_weight": cfg.align_weight, "w_l1": cfg.w_l1, "w_msssim": cfg.w_msssim,
             "crop": cfg.crop, "batch": cfg.batch, "lr": cfg.lr, "new_lr_mult": cfg.new_lr_mult,
+            **({"zero_init": cfg.zero_init} if cfg.zero_init != "inject" else {}),  # older runs: inject
             **({"dm_real_steps": cfg.dm_real_steps} if cfg.align == "dm" else {})}
 
 
@@ -102,6 +103,8 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
             if entry.space.channels != dcfg.base_channels or entry.space.factor != 8:
                 raise UsageError(f"--base '{cfg.base}' is not a 32-channel f8 model (DA-VAE builds on TAEF2)")
             da.warm_start(mod, part, base.state_dict(), trunk)
+        if cfg.zero_init == "latent":
+            da.zero_at_latent(enc, dec)
         enc, dec = enc.to(device), dec.to(device)
         enc.base.requires_grad_(False).eval()  # frozen, never trained (paper Sec. 3.1)
         warm = list(enc.detail.trunk.parameters()) + list(dec.base.parameters())
