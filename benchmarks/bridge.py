@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -173,10 +172,9 @@ def main(argv=None) -> int:
                      f"{r['gmacs'] / base['gmacs']:.3f}x / {r['latency_ms'] / base['latency_ms']:.3f}x |")
     print("\n".join(lines))
     if a.json:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), platform.processor())
-        a.json.write_text(json.dumps({"machine": {"cpu": cpu, "threads": torch.get_num_threads(),
-                                                  "torch": torch.__version__},
+        from vaepack.bench.machine import machine_info
+
+        a.json.write_text(json.dumps({"machine": machine_info(),
                                       "photos": len(photos), "crop": a.crop, "size": a.size, "shas": shas,
                                       "rows": rows}, indent=1))
     return 0

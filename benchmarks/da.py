@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -62,6 +61,8 @@ def radial_high_share(z: torch.Tensor) -> float:
 
 
 def main(argv=None) -> int:
+    from vaepack.bench.machine import machine_info
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--model", nargs="*", default=[], help="manifest DA models (e.g. da)")
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
         cost[name] = {"params": param_count(mod), "gmacs": count_macs(mod, tuple(inp.shape)) / 1e9, "ms": t.median_ms}
     tokens = {"taef2 f8": (n // 8) ** 2, "da": (n // 16) ** 2}
 
-    res = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    res = {"machine": machine_info(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "crop": a.crop, "size": n, "table": table, "structure": structure,
            "cost": cost, "tokens_at_size": tokens, "command": " ".join(sys.argv)}
     for s, d in table.items():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,8 @@ def encode_all(enc, images) -> list[torch.Tensor]:
 
 
 def main(argv=None) -> int:
+    from vaepack.bench.machine import machine_info
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, nargs="*", default=[], help="train-da run folders (checkpoint EMA)")
     ap.add_argument("--model", nargs="*", default=[], help="manifest DA models (e.g. da)")
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                   f"({row['fd_tokens_floor']:.3f}) FD 2x2 {row['fd_patches']:.2f} ({row['fd_patches_floor']:.2f})",
                   file=sys.stderr)
             base_done |= part == "base"
-    res = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    res = {"machine": machine_info(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "steps": a.steps, "seed": a.seed, "rows": rows,
            "elapsed_s": time.perf_counter() - start, "command": " ".join(sys.argv)}
     print(f"\n{'row':60s} {'C':>3s} {'held-out':>9s} {'FD tok':>8s} {'floor':>7s} {'FD 2x2':>8s} {'floor':>7s}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -69,6 +68,8 @@ def distribution(lat: list[torch.Tensor], ref: list[torch.Tensor], seed: int) ->
 
 
 def main(argv=None) -> int:
+    from vaepack.bench.machine import machine_info
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--encoder", action="append", required=True, help="NAME=PATH.safetensors (repeatable)")
     ap.add_argument("--decoder", required=True, help="the pair's decoder (.safetensors)")
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
               f" SW {row['vs_taef2']['sliced_w2']:.4f}, vs N(0,I) {row['vs_gaussian']['std_ratio_mean']:.3f} SW "
               f"{row['vs_gaussian']['sliced_w2']:.4f}, held-out {m.get('heldout_loss', float('nan')):.4f} "
               f"FD tokens {m.get('fd_tokens', float('nan')):.3f}", file=sys.stderr)
-    res = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    res = {"machine": machine_info(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "scale": a.scale, "steps": a.steps, "seed": a.seed, "rows": rows,
            "elapsed_s": time.perf_counter() - start, "command": " ".join(sys.argv)}
     if a.json:
