@@ -277,7 +277,7 @@ def train_da(
                                      "warm-started from it) or taef2 (TAEF2's, ~3x the cost)."),
     down_filter: str = typer.Option("bicubic", "--down-filter", help="The base branch's 2x downsample (antialiased)."),
     zero_init: str = typer.Option("inject", "--zero-init", help="Where the detail path starts at zero: inject (the "
-                                  "decoder's injections) or latent (z_d itself; the injections start random)."),
+                                  "decoder's injections; measured better) or latent (z_d itself; an ablation)."),
     steps: int = typer.Option(3000, "--steps"),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Stop (checkpoint + export) at this step, keeping "
                                           "the learning-rate schedule of --steps (equal-step ablations)."),

@@ -267,11 +267,11 @@ def zero_at_latent(enc: "DAEncoder", dec: "DADecoder") -> None:
     encoder's output conv is zeroed (z_d = 0), the injections get a fresh random init, and every bias
     on the path z_d -> injection is zeroed, so step 0 still reproduces "base only" exactly.
 
-    Why: with zero injections the detail encoder gets no gradient until the injections have grown,
-    and meanwhile its (random) z_d is noise to the decoder; in the align-none run z_d shrank to std
-    0.045 and carried +0.33 dB (benchmarks/results/da.md). With z_d = 0 and random injections the
-    gradient reaches z_d at step 0 and z_d grows only in directions the decoder can use (the
-    one-sided zero-init of ControlNet-style adapters)."""
+    The hypothesis it tests: with zero injections the detail encoder gets no gradient until the
+    injections have grown, so z_d might learn faster if the gradient reached it from step 0 (the
+    one-sided zero-init of ControlNet-style adapters). Measured (benchmarks/results/da.md, section 5):
+    it does not - at ~540 steps z_d carried nothing (zeroing it cost 0.00 dB vs 0.15 dB with zero
+    injections) and the reconstruction was 0.09 dB lower - so it is an ablation, not the default."""
     _zero(enc.detail.out)
     nn.init.zeros_(dec.detail_in[1].bias)
     for conv in dec.inject:
