@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 from pathlib import Path
@@ -27,7 +26,9 @@ import torch.nn.functional as F
 
 
 def psnr(y: torch.Tensor, x: torch.Tensor) -> float:
-    return -10 * math.log10(((y.clamp(0, 1) - x) ** 2).mean().item())
+    from vaepack.metrics import psnr as _psnr
+
+    return float(_psnr(y.clamp(0, 1), x))
 
 
 def up(t: torch.Tensor) -> torch.Tensor:
