@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DA-VAE on TAEF2 (issue 13, paper 002) and its ablations (benchmarks/results/da.md).
 #
-#   usage: benchmarks/train_da.sh shipped|ablations|export|measure
+#   usage: benchmarks/train_da.sh shipped|ablations|init|long|export|measure
 #
 # `shipped` made vaepack/weights/taef2-da-{enc,dec}.safetensors (`export` copies the run's EMA there; then
 # update sizes and sha256 in weights_manifest.yaml). Runs resume with --resume (the budget counts per
@@ -28,6 +28,18 @@ case "${1:-}" in
     pair --out "$RUNS/align0" --align-weight 0 --out "$RUNS/align0.1" --align-weight 0.1
     pair --out "$RUNS/align1.0" --align-weight 1.0 --out "$RUNS/d64" --detail-channels 64
     vaepack train-da "${COMMON[@]}" --threads 2 --steps 1600 --stop-at 1152 --out "$RUNS/dm" --align dm --align-weight 0.5 ;;
+  init)      # da.md section 5: align none to the end of a 2000-step schedule, and where the zero-init sits (two runs at
+             # a time, one pinned core and 1 thread each; 0.27-0.31 steps/s each on the AMD machine of da.md)
+    N=(--steps 2000 --align none --threads 1)
+    taskset -c 0 vaepack train-da "${COMMON[@]}" "${N[@]}" --zero-init inject --out "$RUNS/none-zinj" &
+    taskset -c 1 vaepack train-da "${COMMON[@]}" "${N[@]}" --zero-init latent --stop-at 669 --out "$RUNS/none-zlat" &
+    wait
+    python benchmarks/da.py --data "$DEV" --model da --run "$RUNS/none-zinj" --size 512 --repeat 3 --threads 1 \
+      --json benchmarks/results/da-none2000-$(date -u +%Y%m%d).json
+    python benchmarks/da_probes.py --train "$DATA" --data "$DEV" --threads 1 \
+      --json benchmarks/results/da-probes-$(date -u +%Y%m%d).json ;;
+  long)      # lambda 0.1 on a 6000-step schedule, resumed across sessions with this same command
+    vaepack train-da "${COMMON[@]}" --steps 6000 --align proj --align-weight 0.1 --threads 1 --out "$RUNS/a01-long" ;;
   export)
     vaepack train-da --out "$RUNS/main" --export-only
     cp "$RUNS/main/encoder.safetensors" vaepack/weights/taef2-da-enc.safetensors
@@ -39,5 +51,5 @@ case "${1:-}" in
       --json benchmarks/results/da-$(date -u +%Y%m%d).json
     python benchmarks/da_modelability.py --run "$RUNS"/* --data "$DATA" --heldout "$DEV" --steps 600 --seed 0 \
       --threads 1 --json benchmarks/results/da-modelability-$(date -u +%Y%m%d).json ;;
-  *) echo "usage: $0 shipped|ablations|export|measure" >&2; exit 2 ;;
+  *) echo "usage: $0 shipped|ablations|init|long|export|measure" >&2; exit 2 ;;
 esac
