@@ -142,8 +142,8 @@ def main(argv=None) -> int:
                 tap, proj = parts
                 params = param_count(proj)
                 fshape = tuple(tap(torch.zeros(zshape)).shape)
-                # count_macs feeds one input; the latent skip's 1x1 conv is counted by hand
-                skip = sum(proj.cfg.latent_skip * proj.cfg.width * (s // 8 // 2 ** k) ** 2
+                # count_macs feeds one input: the latent skips are counted on their own
+                skip = sum(count_macs(proj.skip[k], (1, proj.cfg.latent_skip, s // 8 // 2 ** k, s // 8 // 2 ** k))
                            for k in range(proj.cfg.skip_stages)) if proj.cfg.latent_skip else 0
                 if skip:
                     proj = _NoSkip(proj)

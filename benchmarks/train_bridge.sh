@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The FLUX.2 -> Sana bridges of issue 14 (paper 001) and the variants in benchmarks/results/bridge.md.
 #
-#   usage: benchmarks/train_bridge.sh shipped|skip|variants|old|export
+#   usage: benchmarks/train_bridge.sh shipped|skip|hidden|variants|old|export
 #
 # `variants` (the first table of benchmarks/results/bridge.md) share one training-pair cache (PAIRS: 8 random 256 px crops of each training photo, mirrored
 # at random, through TAEF2's and TAESana's encoders in fp32; built by the first run, ~14 min on 2 cores)
@@ -31,6 +31,9 @@ case "${1:-}" in
     vaepack train-bridge "${S[@]}" --steps 8000 --latent-skip 1 --out "$RUNS/rgb16-s1-8k"
     vaepack train-bridge "${S[@]}" --steps 8000 --latent-skip 3 --out "$RUNS/rgb16-s3-8k"   # measured stopped (Ctrl-C) at 5212
     vaepack train-bridge "${S[@]}" --steps 3000 --latent-skip 3 --train skip --lr 1e-3 --out "$RUNS/rgb16-s3-skiponly" ;;
+  hidden)    # the latent read through conv 3x3 + ReLU before the skip's 1x1 conv (PAIRS32, 3000 steps, one core)
+    vaepack train-bridge --source taef2 --target taesana --data "$DATA" --cache "$PAIRS32" "${JIT[@]}" --crops-per-image 32 \
+      --latent-skip 1 --skip-hidden 64 --steps 3000 --lr 1e-4 --threads 1 --out "$RUNS/rgb32-s1h64-3k" --resume ;;
   old)       # the bridge shipped before (8 crops per photo at scale 1, no latent skip)
     vaepack train-bridge "${COMMON[@]}" --out "$RUNS/rgb" --tap rgb --steps 1500 --lr 1e-4 --resume ;;
   variants)  # the comparison of taps and loss terms (each from TAESana's layers; the adapter is new)
@@ -44,5 +47,5 @@ case "${1:-}" in
   export)
     cp "$RUNS/rgb32-s1/bridge.safetensors" vaepack/weights/bridge-taef2-taesana-rgb-skip.safetensors
     sha256sum vaepack/weights/bridge-taef2-taesana-rgb-skip.safetensors ;;
-  *) echo "usage: $0 shipped|skip|variants|old|export" >&2; exit 2 ;;
+  *) echo "usage: $0 shipped|skip|hidden|variants|old|export" >&2; exit 2 ;;
 esac

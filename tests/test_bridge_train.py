@@ -129,6 +129,30 @@ def test_latent_skip_starts_as_the_bridge_without_it_and_enters_at_one_eighth():
             B.BridgeConfig(tap=tap, tap_channels=4, latent_skip=4)
 
 
+def test_skip_hidden_reads_the_latent_through_a_3x3_conv_and_starts_at_zero():
+    """skip_hidden N: the skip is conv 3x3 (latent -> N) + ReLU + a zero-initialized 1x1 conv: the
+    untrained bridge is still the target encoder; trained, a latent cell reaches its 3x3 neighbours."""
+    torch.manual_seed(0)
+    cfg = tae.TAEConfig(kind="f32", latent_channels=4, width=8)
+    enc = tae.build("encoder", cfg).eval()
+    b = B.Bridge(B.BridgeConfig(tap="rgb", tap_channels=3, target_channels=4, width=8, latent_skip=6,
+                                skip_hidden=5)).eval()
+    B.warm_start(b, enc.state_dict())
+    x, z = torch.rand(1, 3, 64, 64), torch.randn(1, 6, 8, 8)
+    torch.testing.assert_close(b(x, z), enc(x))
+    s = b.skip[0]
+    assert [tuple(m.weight.shape) for m in (s[0], s[2])] == [(5, 6, 3, 3), (8, 5, 1, 1)]
+    with torch.no_grad():
+        s[2].weight.normal_()
+        s[0].bias.fill_(1.0)  # keep the ReLU open, so the check sees the 3x3 reach
+    z2 = z.clone()
+    z2[..., 4, 4] += 1.0
+    d = (s(z2) - s(z)).abs().sum(1)[0]
+    assert (d[3:6, 3:6] > 0).all() and d[:3].sum() == 0 and d[:, 6:].sum() == 0
+    with pytest.raises(ValueError, match="skip_hidden"):
+        B.BridgeConfig(tap="rgb", tap_channels=3, skip_hidden=4)
+
+
 def test_training_crops_with_scale_jitter(tmp_path):
     """min_scale < 1: each crop comes from the photo shrunk by a random factor (never below the crop);
     fixed by the seed; the cache key says so."""
@@ -162,7 +186,8 @@ def test_config_validation(tmp_path):
                     ({"w_mse": 0, "w_l1": 0}, "w-mse"), ({"blocks": (1, 2)}, "blocks"),
                     ({"tap": "s2", "pairs_backend": "openvino"}, "pairs-backend"),
                     ({"tap": "s0", "latent_skip": 1}, "latent-skip"),
-                    ({"tap": "rgb", "pairs_backend": "openvino", "cache_tap_gb": 0}, "tap cache"), ({"tap": "rgb", "latent_skip": 4}, "0 to 3")]:
+                    ({"tap": "rgb", "pairs_backend": "openvino", "cache_tap_gb": 0}, "tap cache"), ({"tap": "rgb", "latent_skip": 4}, "0 to 3"),
+                    ({"tap": "rgb", "skip_hidden": 8}, "--skip-hidden")]:
         with pytest.raises(UsageError, match=msg):
             BridgeTrainConfig(data, tmp_path / "r", **kw).validate()
 

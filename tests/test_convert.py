@@ -24,9 +24,10 @@ from vaepack.paths import manifest_path
 
 TINY = {"kind": "f8", "latent_channels": 4, "width": 8, "blocks": [1, 1, 1, 1]}
 TINY_BRIDGE = {"tap": "s0", "tap_channels": 8, "target_channels": 4, "width": 8, "blocks": [1, 1, 1, 1]}
-# an rgb-tap bridge that also reads the source latent: it runs on exported graphs (export/bridge.py)
+# an rgb-tap bridge that also reads the source latent (through conv 3x3 + ReLU + conv 1x1): it runs on
+# exported graphs (export/bridge.py)
 RGB_BRIDGE = {"tap": "rgb", "tap_channels": 3, "target_channels": 4, "width": 8, "blocks": [1, 1, 1, 1],
-              "latent_skip": 4, "skip_stages": 2}
+              "latent_skip": 4, "skip_stages": 2, "skip_hidden": 3}
 
 
 def _save(root: Path, name: str, sd: dict) -> dict:
@@ -55,8 +56,9 @@ def _bridge_file(root: Path, name: str, cfg: dict, seed: int) -> dict:
         for p in b.parameters():
             p.mul_(3.0)
         if cfg.get("latent_skip"):  # zero-initialized for training; random here so the test sees it
-            for c in b.skip:
-                c.weight.normal_(0, 0.5)
+            for c in b.skip.modules():
+                if isinstance(c, torch.nn.Conv2d):
+                    c.weight.normal_(0, 0.5)
     return _save(root, name, b.state_dict())
 
 

@@ -201,6 +201,8 @@ def train_bridge(
                                       "decodes them for the rgb tap) when building pairs: torch, openvino, auto..."),
     latent_skip: int = typer.Option(0, "--latent-skip", help="The projector also reads the source latent at its 1/8 "
                                     "point (1), also pooled at 1/16 (2) and 1/32 (3): zero-initialized 1x1 convs."),
+    skip_hidden: int = typer.Option(0, "--skip-hidden", help="With --latent-skip: read the latent through a 3x3 conv to "
+                                    "this many channels + ReLU before its 1x1 conv (0: the 1x1 conv alone)."),
     lr: float = typer.Option(3e-4, "--lr"),
     train_what: str = typer.Option("all", "--train", help="all (the whole projector learns) or skip (only the "
                                    "latent-skip convs; the projector stays the target encoder)."),
@@ -236,7 +238,7 @@ def train_bridge(
                             warm_start=not no_warm_start, w_feat=w_feat,
                             steps=steps, batch=batch, crop=crop, crops_per_image=crops_per_image,
                             min_scale=min_scale, pairs_backend=pairs_backend, latent_skip=latent_skip, lr=lr, ema=ema,
-                            train=train_what,
+                            train=train_what, skip_hidden=skip_hidden,
                             w_mse=w_mse, w_l1=w_l1, w_attn=w_attn, attn_tau=attn_tau, resume=resume,
                             max_minutes=budget_minutes, seed=seed, threads=threads, device=device, bf16=bf16,
                             cache_path=cache,

@@ -23,7 +23,8 @@ spatial prior, plus a *compact learnable projector* into the target space. Here:
   A decoded image has lost what the source decoder could not draw; the latent still holds it. Zero
   init: the untrained skip leaves the bridge what it was (the pixel path for ``rgb``); it costs
   latent_channels x width MACs per cell where it enters (0.01% of the rgb bridge). Measured in
-  benchmarks/results/bridge.md.
+  benchmarks/results/bridge.md. ``skip_hidden`` N > 0 reads the latent through a 3x3 conv to N channels and a
+  ReLU first (latent_channels x N x 9 + N x width MACs per cell).
 
 Tensors are raw latents of each space (TAE latents already are diffusion-space latents), images [0, 1].
 """
@@ -63,6 +64,9 @@ class BridgeConfig:
     adapter_blocks: int = 0  # TAE blocks inside the adapter (0: one linear conv)
     latent_skip: int = 0  # source latent channels added in at the projector's 1/8 point (0: no skip)
     skip_stages: int = 1  # where the latent enters: 1/8 only (1), also 1/16 (2), also 1/32 (3)
+    # 0: each skip is one 1x1 conv; N > 0: conv 3x3 (latent -> N) + ReLU + conv 1x1 (N -> width), so the
+    # latent is read through its 3x3 neighbourhood and a nonlinearity before it meets the image features
+    skip_hidden: int = 0
 
     def __post_init__(self):
         if self.tap not in TAP_DIVISOR:
@@ -71,6 +75,8 @@ class BridgeConfig:
             raise ValueError("the rgb tap has 3 channels")
         if self.adapter_blocks < 0 or (self.tap == "rgb" and self.adapter_blocks):
             raise ValueError("adapter_blocks must be >= 0 (and 0 for the rgb tap, which has no adapter)")
+        if self.skip_hidden < 0 or (self.skip_hidden and not self.latent_skip):
+            raise ValueError("skip_hidden must be >= 0, and 0 without latent_skip")
         if not 1 <= self.skip_stages <= 3:
             raise ValueError(f"skip_stages must be 1, 2 or 3, got {self.skip_stages}")
         if self.latent_skip < 0 or (self.latent_skip and TAP_DIVISOR[self.tap] > 4):
@@ -110,6 +116,19 @@ def _adapter(cfg: BridgeConfig) -> nn.Module | None:
                          *(tae.Block(cfg.width) for _ in range(cfg.adapter_blocks)), tae.conv(cfg.width, c_out))
 
 
+def _skip(cfg: BridgeConfig) -> nn.Module:
+    """One latent skip: latent channels -> the projector's width, its last conv zero-initialized (the
+    untrained skip adds nothing)."""
+    if cfg.skip_hidden:
+        m = nn.Sequential(tae.conv(cfg.latent_skip, cfg.skip_hidden), nn.ReLU(), nn.Conv2d(cfg.skip_hidden, cfg.width, 1))
+        last = m[2]
+    else:
+        m = last = nn.Conv2d(cfg.latent_skip, cfg.width, 1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return m
+
+
 class Bridge(nn.Module):
     """Projector: tap features (B, tap_channels, H/d, W/d) -> target latent (B, C, H/32, W/32)."""
 
@@ -129,10 +148,7 @@ class Bridge(nn.Module):
             except ValueError:
                 raise ValueError("latent_skip enters at the first block of stages 1..skip_stages; this "
                                  "projector has none in one of them") from None
-            self.skip = nn.ModuleList(nn.Conv2d(cfg.latent_skip, cfg.width, 1) for _ in range(cfg.skip_stages))
-            for c in self.skip:
-                nn.init.zeros_(c.weight)
-                nn.init.zeros_(c.bias)
+            self.skip = nn.ModuleList(_skip(cfg) for _ in range(cfg.skip_stages))
 
     def adapt(self, feats: torch.Tensor) -> torch.Tensor:
         """The adapter's output: the f32 encoder's features at the entry point (identity for rgb)."""

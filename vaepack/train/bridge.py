@@ -209,7 +209,8 @@ def bridge_meta(cfg: BridgeTrainConfig, bcfg: B.BridgeConfig) -> dict:
     return {"source": cfg.source, "target": cfg.target, "tap": bcfg.tap, "tap_channels": bcfg.tap_channels,
             "target_channels": bcfg.target_channels, "width": bcfg.width,
             "blocks": list(bcfg.blocks) if bcfg.blocks else None, "adapter_blocks": bcfg.adapter_blocks,
-            "latent_skip": bcfg.latent_skip, "skip_stages": bcfg.skip_stages}
+            "latent_skip": bcfg.latent_skip, "skip_stages": bcfg.skip_stages,
+            **({"skip_hidden": bcfg.skip_hidden} if bcfg.skip_hidden else {})}  # older runs stay resumable
 
 
 def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -> dict:
@@ -226,7 +227,7 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
                               target_channels=tentry.space.channels, blocks=cfg.blocks,
                               adapter_blocks=cfg.adapter_blocks,
                               latent_skip=sentry.space.channels if cfg.latent_skip else 0,
-                              skip_stages=max(1, cfg.latent_skip))
+                              skip_stages=max(1, cfg.latent_skip), skip_hidden=cfg.skip_hidden)
         model = B.Bridge(bcfg).to(device)
         if cfg.warm_start:
             n = B.warm_start(model, {k: v.float() for k, v in tenc.state_dict().items()})

@@ -299,6 +299,7 @@ class BridgeTrainConfig:
     min_scale: float = 1.0
     pairs_backend: str = "torch"
     latent_skip: int = 0
+    skip_hidden: int = 0  # > 0: each latent skip is conv 3x3 (-> this many channels) + ReLU + conv 1x1
     lr: float = 3e-4
     ema: float = 0.999
     w_mse: float = 1.0
@@ -350,6 +351,8 @@ class BridgeTrainConfig:
                              hint="add --tap rgb --latent-skip N")
         if not 0 <= self.latent_skip <= 3:
             raise UsageError(f"--latent-skip is a number of projector stages, 0 to 3, got {self.latent_skip}")
+        if self.skip_hidden < 0 or (self.skip_hidden and not self.latent_skip):
+            raise UsageError(f"--skip-hidden must be >= 0 and needs --latent-skip, got {self.skip_hidden}")
         if self.latent_skip and self.tap in ("latent", "s0"):
             raise UsageError(f"--latent-skip adds the latent at the projector's 1/8 point, which the '{self.tap}' tap "
                              "enters after", hint="use a tap at 1/4 of the image or finer (s1, s2, pre_rgb, rgb)")
