@@ -38,8 +38,12 @@ case "${1:-}" in
       --json benchmarks/results/da-none2000-$(date -u +%Y%m%d).json
     python benchmarks/da_probes.py --train "$DATA" --data "$DEV" --threads 1 \
       --json benchmarks/results/da-probes-$(date -u +%Y%m%d).json ;;
-  long)      # lambda 0.1 on a 6000-step schedule, resumed across sessions with this same command
-    vaepack train-da "${COMMON[@]}" --steps 6000 --align proj --align-weight 0.1 --threads 1 --out "$RUNS/a01-long" ;;
+  long)      # lambda 0.1: as measured, a 6000-step schedule stopped at step 1898, then resumed with --steps 3800 (da.md
+             # section 5, "Longer runs"); and align none continued from the finished 2000-step `init` run to 3600
+    vaepack train-da "${COMMON[@]}" --steps 6000 --stop-at 1898 --align proj --align-weight 0.1 --threads 1 --out "$RUNS/a01-long"
+    vaepack train-da "${COMMON[@]}" --steps 3800 --align proj --align-weight 0.1 --threads 1 --out "$RUNS/a01-long"
+    cp -r "$RUNS/none-zinj" "$RUNS/none-cont"
+    vaepack train-da "${COMMON[@]}" --steps 3600 --align none --zero-init inject --threads 1 --out "$RUNS/none-cont" ;;
   export)
     vaepack train-da --out "$RUNS/main" --export-only
     cp "$RUNS/main/encoder.safetensors" vaepack/weights/taef2-da-enc.safetensors
