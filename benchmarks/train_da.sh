@@ -42,7 +42,7 @@ case "${1:-}" in
              # section 5, "Longer runs"); and align none continued from the finished 2000-step `init` run to 3600
     vaepack train-da "${COMMON[@]}" --steps 6000 --stop-at 1898 --align proj --align-weight 0.1 --threads 1 --out "$RUNS/a01-long"
     vaepack train-da "${COMMON[@]}" --steps 3800 --align proj --align-weight 0.1 --threads 1 --out "$RUNS/a01-long"
-    cp -r "$RUNS/none-zinj" "$RUNS/none-cont"
+    [ -e "$RUNS/none-cont" ] || cp -r "$RUNS/none-zinj" "$RUNS/none-cont"   # once: a rerun resumes the copy
     vaepack train-da "${COMMON[@]}" --steps 3600 --align none --zero-init inject --threads 1 --out "$RUNS/none-cont" ;;
   export)
     vaepack train-da --out "$RUNS/main" --export-only
