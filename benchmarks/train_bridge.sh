@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The FLUX.2 -> Sana bridges of issue 14 (paper 001) and the variants in benchmarks/results/bridge.md.
 #
-#   usage: benchmarks/train_bridge.sh shipped|skip|hidden|variants|old|export
+#   usage: benchmarks/train_bridge.sh shipped|skip|hidden|freeze|variants|old|export
 #
 # `variants` (the first table of benchmarks/results/bridge.md) share one training-pair cache (PAIRS: 8 random 256 px crops of each training photo, mirrored
 # at random, through TAEF2's and TAESana's encoders in fp32; built by the first run, ~14 min on 2 cores)
@@ -34,6 +34,9 @@ case "${1:-}" in
   hidden)    # the latent read through conv 3x3 + ReLU before the skip's 1x1 conv (PAIRS32, 3000 steps, one core)
     vaepack train-bridge --source taef2 --target taesana --data "$DATA" --cache "$PAIRS32" "${JIT[@]}" --crops-per-image 32 \
       --latent-skip 1 --skip-hidden 64 --steps 3000 --lr 1e-4 --threads 1 --out "$RUNS/rgb32-s1h64-3k" --resume ;;
+  freeze)    # the projector's stem and stage 0 (layers 0-4) kept at TAESana's weights (PAIRS32, 3000 steps, one core)
+    vaepack train-bridge --source taef2 --target taesana --data "$DATA" --cache "$PAIRS32" "${JIT[@]}" --crops-per-image 32 \
+      --latent-skip 1 --freeze 5 --steps 3000 --lr 1e-4 --threads 1 --out "$RUNS/rgb32-s1-f5-3k" --resume ;;
   old)       # the bridge shipped before (8 crops per photo at scale 1, no latent skip)
     vaepack train-bridge "${COMMON[@]}" --out "$RUNS/rgb" --tap rgb --steps 1500 --lr 1e-4 --resume ;;
   variants)  # the comparison of taps and loss terms (each from TAESana's layers; the adapter is new)
@@ -47,5 +50,5 @@ case "${1:-}" in
   export)
     cp "$RUNS/rgb32-s1/bridge.safetensors" vaepack/weights/bridge-taef2-taesana-rgb-skip.safetensors
     sha256sum vaepack/weights/bridge-taef2-taesana-rgb-skip.safetensors ;;
-  *) echo "usage: $0 shipped|skip|hidden|variants|old|export" >&2; exit 2 ;;
+  *) echo "usage: $0 shipped|skip|hidden|freeze|variants|old|export" >&2; exit 2 ;;
 esac

@@ -297,6 +297,30 @@ def test_train_skip_learns_only_the_skip_convs(tmp_path, shared_weights):
             BridgeTrainConfig(data, tmp_path / "r", **kw).validate()
 
 
+def test_freeze_keeps_the_leading_layers_and_the_export_config_clean(tmp_path, shared_weights):
+    """--freeze N: the projector's first N layers stay TAESana's (bit for bit), later ones learn; the
+    option is part of the run (resuming with another value is refused), not of the exported config."""
+    from vaepack.loader import load_part
+
+    data = _images(tmp_path / "data", n=2)
+    out = tmp_path / "run"
+    res = run_train_bridge(_cfg(data, out, tap="rgb", blocks=None, steps=6, latent_skip=1, freeze=5))
+    assert res["freeze"] == 5
+    c = torch.load(out / "checkpoint.pt", weights_only=False)
+    enc = load_part("taesana", "encoder")[0].state_dict()
+    moved = {int(k.split(".")[1]) for k, v in c["model"].items() if k.startswith("layers.")
+             and not torch.equal(v, enc[k[len("layers."):]].float())}
+    assert moved and min(moved) >= 5  # layers 0-4 (stem, stage 0) frozen; the rest learned
+    with safe_open(str(out / "bridge.safetensors"), framework="pt") as h:
+        assert "freeze" not in json.loads(h.metadata()["config"])
+    with pytest.raises(UsageError, match="different bridge config"):
+        run_train_bridge(_cfg(data, out, tap="rgb", blocks=None, steps=8, latent_skip=1, resume=True))
+    with pytest.raises(UsageError, match="--freeze 7: only the first 6"):  # the skip enters at layer 6
+        run_train_bridge(_cfg(data, tmp_path / "r2", tap="rgb", blocks=None, steps=2, latent_skip=1, freeze=7))
+    with pytest.raises(UsageError, match="--freeze"):
+        BridgeTrainConfig(data, tmp_path / "r3", freeze=2, warm_start=False).validate()
+
+
 def test_shipped_bridge_is_closer_to_taesana_than_the_pixel_path(shared_weights, shared):
     """The manifest's FLUX.2 -> Sana bridge against an external oracle, TAESana's own encoder on the
     photo: on center 256 px crops of six dev photos its pooled relative MSE is below the pixel path's

@@ -206,6 +206,8 @@ def train_bridge(
     lr: float = typer.Option(3e-4, "--lr"),
     train_what: str = typer.Option("all", "--train", help="all (the whole projector learns) or skip (only the "
                                    "latent-skip convs; the projector stays the target encoder)."),
+    freeze: int = typer.Option(0, "--freeze", help="Keep the projector's first N layers at the warm start (the "
+                               "full-resolution stem and stage 0 are layers 0-4); they run without gradients."),
     ema: float = typer.Option(0.999, "--ema", help="EMA decay of the exported weights."),
     w_mse: float = typer.Option(1.0, "--w-mse", help="Latent MSE weight."),
     w_l1: float = typer.Option(0.1, "--w-l1", help="Latent L1 weight."),
@@ -238,7 +240,7 @@ def train_bridge(
                             warm_start=not no_warm_start, w_feat=w_feat,
                             steps=steps, batch=batch, crop=crop, crops_per_image=crops_per_image,
                             min_scale=min_scale, pairs_backend=pairs_backend, latent_skip=latent_skip, lr=lr, ema=ema,
-                            train=train_what, skip_hidden=skip_hidden,
+                            train=train_what, skip_hidden=skip_hidden, freeze=freeze,
                             w_mse=w_mse, w_l1=w_l1, w_attn=w_attn, attn_tau=attn_tau, resume=resume,
                             max_minutes=budget_minutes, seed=seed, threads=threads, device=device, bf16=bf16,
                             cache_path=cache,

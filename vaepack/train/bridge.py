@@ -205,12 +205,27 @@ def tap_features(tap: nn.Module, z_all: torch.Tensor, device: torch.device, cfg:
 
 # ----------------------------------------------------------------------------- the run
 
+def frozen_layers(model: B.Bridge, n: int, start: int) -> int:
+    """Freeze the projector's first ``n`` layers after ``start`` (they keep the warm start; the EMA copies
+    them unchanged); they must end before the latent skip enters. Returns ``n``."""
+    if not n:
+        return 0
+    most = min(min(model.skip_at, default=len(model.layers)), len(model.layers) - 1) - start
+    if n > most:
+        raise UsageError(f"--freeze {n}: only the first {most} layers of this projector come before "
+                         f"{'the latent skip enters' if model.skip_at else 'its output conv'}",
+                         hint=f"use --freeze {most} or less")
+    model.layers[start:start + n].requires_grad_(False)
+    return n
+
+
 def bridge_meta(cfg: BridgeTrainConfig, bcfg: B.BridgeConfig) -> dict:
     return {"source": cfg.source, "target": cfg.target, "tap": bcfg.tap, "tap_channels": bcfg.tap_channels,
             "target_channels": bcfg.target_channels, "width": bcfg.width,
             "blocks": list(bcfg.blocks) if bcfg.blocks else None, "adapter_blocks": bcfg.adapter_blocks,
             "latent_skip": bcfg.latent_skip, "skip_stages": bcfg.skip_stages,
-            **({"skip_hidden": bcfg.skip_hidden} if bcfg.skip_hidden else {})}  # older runs stay resumable
+            **({"skip_hidden": bcfg.skip_hidden} if bcfg.skip_hidden else {}),  # older runs stay resumable
+            **({"freeze": cfg.freeze} if cfg.freeze else {})}  # training only: not part of the exported config
 
 
 def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -> dict:
@@ -238,6 +253,8 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
         if cfg.train == "skip":  # only the latent-skip convs learn: the projector stays the target encoder
             model.requires_grad_(False)
             model.skip.requires_grad_(True)
+        start = 0 if bcfg.tap == "rgb" else 1  # where the projector's tail begins (after the adapter)
+        n_frozen = frozen_layers(model, cfg.freeze, start)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
         meta = bridge_meta(cfg, bcfg)
         step = 0
@@ -269,7 +286,11 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
                     g["lr"] = warmup_cosine_lr(step, cfg.steps, cfg.lr)
                 with autocast(device, cfg.bf16):
                     a = model.adapt(feats)
-                    pred = model.tail(a, 0 if bcfg.tap == "rgb" else 1, z if bcfg.latent_skip else None)
+                    h = a
+                    if n_frozen:  # the frozen leading layers need no graph
+                        with torch.no_grad():
+                            h = model.layers[start:start + n_frozen](a)
+                    pred = model.tail(h, start + n_frozen, z if bcfg.latent_skip else None)
                 terms = bridge_loss(pred.float(), t, cfg, a.float(), ft)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
@@ -293,8 +314,9 @@ def export_bridge(run_dir: str | Path, command: str | None = None, out: str | Pa
 
     run_dir = Path(run_dir)
     c = torch.load(run_dir / "checkpoint.pt", weights_only=False, map_location="cpu")
-    model = B.Bridge(B.BridgeConfig(**{k: v for k, v in c["meta"].items() if k not in ("source", "target")}))
+    conf = {k: v for k, v in c["meta"].items() if k != "freeze"}  # the exported config: architecture + spaces
+    model = B.Bridge(B.BridgeConfig(**{k: v for k, v in conf.items() if k not in ("source", "target")}))
     model.load_state_dict(c["ema"])
-    meta = provenance(command, kind="bridge", config=json.dumps(c["meta"], sort_keys=True), steps=c["step"],
+    meta = provenance(command, kind="bridge", config=json.dumps(conf, sort_keys=True), steps=c["step"],
                       **{f"{k}_sha256": v for k, v in c["shas"].items()})
     return export_safetensors(model, Path(out) if out else run_dir / "bridge.safetensors", meta)

@@ -308,6 +308,7 @@ class BridgeTrainConfig:
     attn_tau: float = 0.1
     w_feat: float = 0.0  # adapter output vs the target encoder's features at the entry point (MSE / variance)
     train: str = "all"  # all: the whole projector learns; skip: only the latent-skip convs (the rest stays the warm start)
+    freeze: int = 0  # the projector's first N layers stay the warm start (before the latent skip enters; no backward there)
     attn_max_tokens: int = 32  # affinities on at most 32x32 tokens (average-pooled above)
     resume: bool = False
     max_minutes: float | None = None
@@ -349,6 +350,9 @@ class BridgeTrainConfig:
         if self.train == "skip" and (not self.latent_skip or self.tap != "rgb" or not self.warm_start):
             raise UsageError("--train skip learns only the latent-skip convs of a warm-started rgb bridge",
                              hint="add --tap rgb --latent-skip N")
+        if self.freeze < 0 or (self.freeze and not self.warm_start):
+            raise UsageError(f"--freeze keeps the first N layers of a warm-started projector, got {self.freeze}",
+                             hint="drop --no-warm-start, or use --freeze 0")
         if not 0 <= self.latent_skip <= 3:
             raise UsageError(f"--latent-skip is a number of projector stages, 0 to 3, got {self.latent_skip}")
         if self.skip_hidden < 0 or (self.skip_hidden and not self.latent_skip):

@@ -7,6 +7,7 @@ distill_defaults.md).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import replace
@@ -146,8 +147,6 @@ def load_exported(path: str | os.PathLike, part: str | None = None) -> nn.Module
     """A model from a vaepack-written .safetensors (a `vaepack distill` export or a shipped default):
     architecture from its metadata (``vaepack_family``, ``vaepack_part``, ``config``), weights strict.
     ``part`` is the part the caller needs (None: either); another part is a one-line error naming the file."""
-    import json
-
     from safetensors import SafetensorError, safe_open
 
     from vaepack.models import student as sfam
