@@ -38,7 +38,7 @@ def load_run(run: Path):
     enc.load_state_dict(c["ema_enc"])
     dec.load_state_dict(c["ema_dec"])
     m = c["meta"]
-    return enc.eval(), dec.eval(), f"{run.name} (step {c['step']}, align {m['align']} {m['align_weight']})"
+    return enc.eval(), dec.eval(), f"{run.name} (step {c['step']}, align {m['align']}" + (f" {m['align_weight']})" if m['align'] != "none" else ")")
 
 
 def load_model(mid: str):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DA-VAE on TAEF2 (issue 13, paper 002) and its ablations (benchmarks/results/da.md).
 #
-#   usage: benchmarks/train_da.sh shipped|ablations|init|long|export|measure
+#   usage: benchmarks/train_da.sh shipped|proj05|ablations|init|long|export|measure
 #
 # `shipped` made vaepack/weights/taef2-da-{enc,dec}.safetensors (`export` copies the run's EMA there; then
 # update sizes and sha256 in weights_manifest.yaml). Runs resume with --resume (the budget counts per
@@ -14,11 +14,19 @@ export VAEPACK_MIRROR=${VAEPACK_MIRROR:-$(cd .. && pwd)/shared/weights}
 COMMON=(--data "$DATA" --batch 8 --crop 256 --lr 2e-4 --new-lr-mult 5 --resume)
 mkdir -p "$RUNS"
 case "${1:-}" in
-  shipped)   # D = 32, lambda_align 0.5 (the paper's ImageNet setting); 2 threads, ~3.2 s/step on the Xeon of the note
-    vaepack train-da "${COMMON[@]}" --out "$RUNS/main" --detail-channels 32 --align proj --align-weight 0.5 \
-      --steps 1600 --budget-minutes 80 --threads 2 ;;
+  shipped)   # align none, one 6000-step schedule in three legs (da.md section 6): `init`'s 2000-step run, resumed with
+             # --steps 3600 (`long`), resumed with --steps 6000; one pinned core and 1 thread, ~0.3 steps/s on the AMD
+             # machine of da.md (about 5.5 h in all). `export` copies the result into vaepack/weights.
+    N=(--align none --zero-init inject --detail-channels 32 --threads 1)
+    vaepack train-da "${COMMON[@]}" "${N[@]}" --steps 2000 --out "$RUNS/main"
+    vaepack train-da "${COMMON[@]}" "${N[@]}" --steps 3600 --out "$RUNS/main"
+    vaepack train-da "${COMMON[@]}" "${N[@]}" --steps 6000 --out "$RUNS/main" ;;
+  proj05)    # the model shipped before (2026-12-01, da.md sections 1-4): D = 32, lambda_align 0.5 (the paper's ImageNet
+             # setting), stopped at step 1152 of 1600; 2 threads, ~3.2 s/step on the Xeon of the note
+    vaepack train-da "${COMMON[@]}" --out "$RUNS/proj05" --detail-channels 32 --align proj --align-weight 0.5 \
+      --steps 1600 --stop-at 1152 --threads 2 ;;
   ablations) # paper Table 4 (lambda_align), D = 64 and distribution matching (issue 15) at equal steps: the 1600-step
-             # schedule of `shipped`, stopped at step 1152 (--stop-at). Two runs at a time, one per core (1 thread
+             # schedule of `proj05`, stopped at step 1152 (--stop-at). Two runs at a time, one per core (1 thread
              # each, pinned): 0.25 steps/s each on the Xeon of da.md vs 0.28 for one run on 2 threads.
     pair() {
       taskset -c 0 vaepack train-da "${COMMON[@]}" --threads 1 --steps 1600 --stop-at 1152 "${@:1:$(($# / 2))}" &
@@ -55,5 +63,5 @@ case "${1:-}" in
       --json benchmarks/results/da-$(date -u +%Y%m%d).json
     python benchmarks/da_modelability.py --run "$RUNS"/* --data "$DATA" --heldout "$DEV" --steps 600 --seed 0 \
       --threads 1 --json benchmarks/results/da-modelability-$(date -u +%Y%m%d).json ;;
-  *) echo "usage: $0 shipped|ablations|init|long|export|measure" >&2; exit 2 ;;
+  *) echo "usage: $0 shipped|proj05|ablations|init|long|export|measure" >&2; exit 2 ;;
 esac
