@@ -38,7 +38,8 @@ def load_run(run: Path):
     enc.load_state_dict(c["ema_enc"])
     dec.load_state_dict(c["ema_dec"])
     m = c["meta"]
-    return enc.eval(), dec.eval(), f"{run.name} (step {c['step']}, align {m['align']}" + (f" {m['align_weight']})" if m['align'] != "none" else ")")
+    weight = f" {m['align_weight']}" if m["align"] != "none" else ""  # align none has no weight to show
+    return enc.eval(), dec.eval(), f"{run.name} (step {c['step']}, align {m['align']}{weight})"
 
 
 def load_model(mid: str):

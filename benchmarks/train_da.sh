@@ -14,7 +14,7 @@ export VAEPACK_MIRROR=${VAEPACK_MIRROR:-$(cd .. && pwd)/shared/weights}
 COMMON=(--data "$DATA" --batch 8 --crop 256 --lr 2e-4 --new-lr-mult 5 --resume)
 mkdir -p "$RUNS"
 case "${1:-}" in
-  shipped)   # align none, one 6000-step schedule in three legs (da.md section 6): `init`'s 2000-step run, resumed with
+  shipped)   # align none, one 6000-step schedule in three legs (da.md section 0): `init`'s 2000-step run, resumed with
              # --steps 3600 (`long`), resumed with --steps 6000; one pinned core and 1 thread, ~0.3 steps/s on the AMD
              # machine of da.md (about 5.5 h in all). `export` copies the result into vaepack/weights.
     N=(--align none --zero-init inject --detail-channels 32 --threads 1)

@@ -349,7 +349,7 @@ def test_shipped_da_beats_base_only_and_uses_its_detail(shared_weights, shared, 
     """The shipped weights against issue 13's floor, on center 256 px crops of the whole dev set (as
     benchmarks/results/da.md): above base only (TAEF2 round trip of the half-size crop, bicubic 2x)
     by well over a dB, and above its own decoder with z_d zeroed. Margins below the measured ones
-    (da.md: +1.53 and +0.82 dB) so a regression of the weights fails, not noise."""
+    (da.md section 0: +1.61 and +0.96 dB) so a regression of the weights fails, not noise."""
     import torch.nn.functional as F
 
     from vaepack.io import center_crop, list_images, load_image
