@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DA-VAE on TAEF2 (issue 13, paper 002) and its ablations (benchmarks/results/da.md).
 #
-#   usage: benchmarks/train_da.sh shipped|proj05|ablations|init|long|export|measure
+#   usage: benchmarks/train_da.sh shipped|proj05|ablations|init|long|dm|export|measure
 #
 # `shipped` made vaepack/weights/taef2-da-{enc,dec}.safetensors (`export` copies the run's EMA there; then
 # update sizes and sha256 in weights_manifest.yaml). Runs resume with --resume (the budget counts per
@@ -52,6 +52,13 @@ case "${1:-}" in
     vaepack train-da "${COMMON[@]}" --steps 3800 --align proj --align-weight 0.1 --threads 1 --out "$RUNS/a01-long"
     [ -e "$RUNS/none-cont" ] || cp -r "$RUNS/none-zinj" "$RUNS/none-cont"   # once: a rerun resumes the copy
     vaepack train-da "${COMMON[@]}" --steps 3600 --align none --zero-init inject --threads 1 --out "$RUNS/none-cont" ;;
+  dm)        # issue 15: the shipped `da` (align none) continued with distribution matching of z_d toward the base
+             # channels' distribution (--init da, a 1200-step schedule at lr 1e-4), lambda 0.5 and 0.1, one pinned core
+             # and 1 thread each (da.md, "align dm on the shipped model"); then reconstruction and modelability
+    N=(--data "$DATA" --batch 8 --crop 256 --lr 1e-4 --new-lr-mult 5 --resume --init da --steps 1200 --align dm --threads 1)
+    taskset -c 0 vaepack train-da "${N[@]}" --align-weight 0.5 --out "$RUNS/dmi05" &
+    taskset -c 1 vaepack train-da "${N[@]}" --align-weight 0.1 --out "$RUNS/dmi01" &
+    wait ;;
   export)
     vaepack train-da --out "$RUNS/main" --export-only
     cp "$RUNS/main/encoder.safetensors" vaepack/weights/taef2-da-enc.safetensors
@@ -63,5 +70,5 @@ case "${1:-}" in
       --json benchmarks/results/da-$(date -u +%Y%m%d).json
     python benchmarks/da_modelability.py --run "$RUNS"/* --data "$DATA" --heldout "$DEV" --steps 600 --seed 0 \
       --threads 1 --json benchmarks/results/da-modelability-$(date -u +%Y%m%d).json ;;
-  *) echo "usage: $0 shipped|proj05|ablations|init|long|export|measure" >&2; exit 2 ;;
+  *) echo "usage: $0 shipped|proj05|ablations|init|long|dm|export|measure" >&2; exit 2 ;;
 esac

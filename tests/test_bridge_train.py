@@ -170,6 +170,24 @@ def test_training_crops_with_scale_jitter(tmp_path):
         BridgeTrainConfig(data, tmp_path / "r", min_scale=0).validate()
 
 
+def test_training_crops_turned_by_rot90_keep_the_plain_crops_otherwise(tmp_path):
+    """--rot90: each crop is one of the plain run's crops turned by k x 90 degrees (k drawn after the
+    mirror, so without the option the crops and their cache stay as before); the cache key says so."""
+    from vaepack.train.bridge import pairs_key, training_crops
+
+    data = _images(tmp_path / "d", n=2, size=(160, 128))
+    opts = dict(crop=64, crops_per_image=6, min_scale=0.5)
+    plain_cfg = BridgeTrainConfig(data, tmp_path / "r", **opts)
+    turned = training_crops(BridgeTrainConfig(data, tmp_path / "r", rot90=True, **opts))
+    plain = training_crops(plain_cfg)
+    assert turned.shape == plain.shape and not torch.equal(turned, plain)
+    # the first crop draws the same scale, position and mirror either way; only the turn is added
+    assert any(torch.equal(turned[0], torch.rot90(plain[0], k, (-2, -1))) for k in range(4))
+    shas = {"source_encoder": "s", "target_encoder": "t"}
+    assert pairs_key(BridgeTrainConfig(data, tmp_path / "r", rot90=True, **opts), shas) != pairs_key(plain_cfg, shas)
+    assert "rot90" not in pairs_key(plain_cfg, shas)  # caches made before the option stay valid
+
+
 def test_attention_fidelity_is_zero_for_equal_affinities_and_positive_otherwise():
     torch.manual_seed(0)
     t = torch.randn(2, 8, 6, 5)

@@ -270,6 +270,33 @@ def test_train_with_distribution_matching_resumes(tmp_path, shared_weights, one_
     assert " dm " in log
 
 
+def test_train_init_continues_a_shipped_model_and_refuses_another_architecture(tmp_path, shared_weights, one_thread):
+    """--init da: the run starts from the shipped weights (not TAEF2 + zero detail paths), records
+    their sha256, and refuses a model of another family or architecture."""
+    from vaepack.io import save_image
+    from vaepack.loader import load_part, read_state_dict
+    from vaepack.train.config import DATrainConfig
+    from vaepack.train.da import run_train_da
+
+    data = tmp_path / "data"
+    data.mkdir()
+    save_image(data / "0.png", _photo(96, 96, seed=0))
+    # lr ~0: the exported EMA is the shipped model (up to its fp16 export)
+    res = run_train_da(DATrainConfig(data, tmp_path / "run", init="da", steps=1, batch=1, crop=64, lr=1e-12,
+                                     bf16=False))
+    assert res["init"] == "da"
+    shipped, _, sha = load_part("da", "encoder")
+    got = read_state_dict(tmp_path / "run" / "encoder.safetensors")
+    ref = shipped.state_dict()
+    assert set(got) == set(ref)
+    assert max((got[k].float() - ref[k].float()).abs().max().item() for k in ref) < 1e-3
+    c = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert c["shas"]["init_encoder"] == sha and c["meta"]["init"] == "da"
+    for bad in ({"init": "taef2"}, {"init": "da", "detail_channels": 64}):
+        with pytest.raises(UsageError, match="--init"):
+            run_train_da(DATrainConfig(data, tmp_path / f"bad{len(bad)}", steps=1, batch=1, crop=64, **bad))
+
+
 @pytest.mark.parametrize("filt", ["bicubic", "bilinear"])
 def test_exportable_half_equals_torch_antialiased_resize(filt):
     """The ONNX form of the documented downsample (two strided convolutions + border

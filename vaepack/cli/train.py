@@ -197,6 +197,7 @@ def train_bridge(
     crops_per_image: int = typer.Option(8, "--crops-per-image", help="Random crops per photo, encoded once and cached."),
     min_scale: float = typer.Option(1.0, "--min-scale", help="Shrink each photo by a random factor in [this, 1] before "
                                     "each crop (1: no scale jitter)."),
+    rot90: bool = typer.Option(False, "--rot90", help="Also turn each training crop by a random multiple of 90 degrees."),
     pairs_backend: str = typer.Option("torch", "--pairs-backend", help="Runtime that encodes the source latents (and "
                                       "decodes them for the rgb tap) when building pairs: torch, openvino, auto..."),
     latent_skip: int = typer.Option(0, "--latent-skip", help="The projector also reads the source latent at its 1/8 "
@@ -239,7 +240,7 @@ def train_bridge(
     cfg = BridgeTrainConfig(data, out, source=source, target=target, tap=tap, blocks=blk, adapter_blocks=adapter_blocks,
                             warm_start=not no_warm_start, w_feat=w_feat,
                             steps=steps, batch=batch, crop=crop, crops_per_image=crops_per_image,
-                            min_scale=min_scale, pairs_backend=pairs_backend, latent_skip=latent_skip, lr=lr, ema=ema,
+                            min_scale=min_scale, rot90=rot90, pairs_backend=pairs_backend, latent_skip=latent_skip, lr=lr, ema=ema,
                             train=train_what, skip_hidden=skip_hidden, freeze=freeze,
                             w_mse=w_mse, w_l1=w_l1, w_attn=w_attn, attn_tau=attn_tau, resume=resume,
                             max_minutes=budget_minutes, seed=seed, threads=threads, device=device, bf16=bf16,
@@ -282,6 +283,8 @@ def train_da(
     down_filter: str = typer.Option("bicubic", "--down-filter", help="The base branch's 2x downsample (antialiased)."),
     zero_init: str = typer.Option("inject", "--zero-init", help="Where the detail path starts at zero: inject (the "
                                   "decoder's injections; measured better) or latent (z_d itself; an ablation)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from a shipped DA model (manifest id, e.g. da) "
+                                       "instead of TAEF2: a regularizer on a trained model, short schedule."),
     steps: int = typer.Option(3000, "--steps"),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Stop (checkpoint + export) at this step, keeping "
                                           "the learning-rate schedule of --steps (equal-step ablations)."),
@@ -316,7 +319,7 @@ def train_da(
             raise UsageError("--data is required to train", hint="or pass --export-only")
         cfg = DATrainConfig(data, out, detail_channels=detail_channels, align=align, align_weight=align_weight,
                             dm_real_steps=dm_real_steps,
-                            detail_trunk=detail_trunk, down_filter=down_filter, zero_init=zero_init, steps=steps, stop_at=stop_at, batch=batch, crop=crop,
+                            detail_trunk=detail_trunk, down_filter=down_filter, zero_init=zero_init, init=init, steps=steps, stop_at=stop_at, batch=batch, crop=crop,
                             lr=lr, new_lr_mult=new_lr_mult, ema=ema, w_l1=w_l1, w_msssim=w_msssim, resume=resume, max_minutes=budget_minutes,
                             seed=seed, threads=threads, device=device, bf16=bf16, command=command_line())
         prog, cb = _train_progress("train-da")

@@ -96,8 +96,9 @@ def training_crops(cfg: BridgeTrainConfig) -> torch.Tensor:
     """uint8 (N, 3, crop, crop): ``crops_per_image`` random crops of every photo, each mirrored with
     probability 1/2, in a fixed order from ``cfg.seed``; with ``cfg.min_scale`` < 1 each crop comes
     from the photo shrunk (antialiased bilinear, vaepack.tiling.resize) by a random factor in
-    [min_scale, 1], never below the crop size: more views of the same 279 photos (the bridge's
-    limit was its training set, benchmarks/results/bridge.md)."""
+    [min_scale, 1], never below the crop size; with ``cfg.rot90`` each crop is also turned by a random
+    multiple of 90 degrees (with the mirror: the 8 symmetries of the square). More views of the same
+    279 photos (the bridge's limit was its training set, benchmarks/results/bridge.md)."""
     from vaepack.tiling import resize
 
     rng = random.Random(cfg.seed)
@@ -115,14 +116,17 @@ def training_crops(cfg: BridgeTrainConfig) -> torch.Tensor:
             _, h, w = src.shape
             y, x = rng.randint(0, h - cfg.crop), rng.randint(0, w - cfg.crop)
             c = src[:, y:y + cfg.crop, x:x + cfg.crop]
-            crops.append(c.flip(-1) if rng.random() < 0.5 else c)
+            c = c.flip(-1) if rng.random() < 0.5 else c
+            if cfg.rot90:  # drawn only when asked, so the crops (and caches) without it stay as they were
+                c = torch.rot90(c, rng.randrange(4), (-2, -1))
+            crops.append(c)
     return torch.stack(crops)
 
 
 def pairs_key(cfg: BridgeTrainConfig, shas: dict) -> dict:
     return {"version": PAIRS_VERSION, "data": str(cfg.data_dir.resolve()), "crop": cfg.crop,
             "crops_per_image": cfg.crops_per_image, "seed": cfg.seed, "min_scale": cfg.min_scale,
-            "pairs_backend": cfg.pairs_backend,
+            "pairs_backend": cfg.pairs_backend, **({"rot90": True} if cfg.rot90 else {}),
             "source_encoder": shas["source_encoder"], "target_encoder": shas["target_encoder"]}
 
 

@@ -278,7 +278,8 @@ class BridgeTrainConfig:
     ``w_attn`` x attention fidelity (KL between the row-softmax token affinities of target and
     prediction at temperature ``attn_tau``; vaepack's reading of the paper's abstract-level term).
     Training pairs are ``crops_per_image`` random ``crop`` px crops of each photo (random mirror; each
-    photo first shrunk by a random factor in [``min_scale``, 1] when that is < 1), encoded once by both
+    photo first shrunk by a random factor in [``min_scale``, 1] when that is < 1; turned by a random
+    multiple of 90 degrees with ``rot90``), encoded once by both
     frozen encoders and cached (``cache_path``). ``pairs_backend``: the runtime (vaepack.runtime.load_vae,
     e.g. auto = OpenVINO bf16 here) that encodes the source latents and, for the rgb tap, decodes them;
     the targets are always the target encoder in torch fp32. ``latent_skip``: the projector also reads
@@ -297,6 +298,7 @@ class BridgeTrainConfig:
     crop: int = 256
     crops_per_image: int = 8
     min_scale: float = 1.0
+    rot90: bool = False  # each training crop also turned by a random multiple of 90 degrees
     pairs_backend: str = "torch"
     latent_skip: int = 0
     skip_hidden: int = 0  # > 0: each latent skip is conv 3x3 (-> this many channels) + ReLU + conv 1x1
@@ -404,6 +406,10 @@ class DATrainConfig:
     # Where the detail path starts at zero: "inject" (the decoder's injections, da.DADecoder) or
     # "latent" (z_d itself, da.zero_at_latent). Both make step 0 reproduce "base only" exactly.
     zero_init: str = "inject"
+    # Continue from a shipped DA model (manifest id, e.g. "da") instead of TAEF2 + zero-initialized
+    # detail paths: a regularizer (align dm) applied to a trained model on a short schedule. Its
+    # architecture must equal this run's.
+    init: str | None = None
     steps: int = 3000
     stop_at: int | None = None  # stop at this step with the schedule of ``steps`` (equal-step ablations)
     batch: int = 8

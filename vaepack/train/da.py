@@ -75,12 +75,28 @@ def base_matcher(enc: da.DAEncoder, images: list[torch.Tensor], cfg: DATrainConf
     return DistributionMatcher.from_real_flow(rf, dm)
 
 
+def init_from_model(enc: da.DAEncoder, dec: da.DADecoder, model: str, shas: dict) -> None:
+    """``--init``: load a manifest DA model's weights into the freshly built ``enc``/``dec`` (refused
+    unless its architecture is this run's) and record their sha256 in ``shas``."""
+    from vaepack.loader import load_part
+
+    for part, mod in (("encoder", enc), ("decoder", dec)):
+        src, entry, shas[f"init_{part}"] = load_part(model, part)
+        if entry.part(part).family != "da" or getattr(src, "cfg", None) != mod.cfg:
+            raise UsageError(f"--init '{model}' is not a DA-VAE of this run's architecture "
+                             f"({getattr(src, 'cfg', entry.part(part).family)} vs {mod.cfg})",
+                             hint="pass the same --detail-channels/--detail-trunk as the model, or another --init")
+        mod.load_state_dict(src.state_dict())
+    log.info("initialized from %s (%s)", entry.id, ", ".join(f"{k} {v[:12]}" for k, v in shas.items() if k.startswith("init_")))
+
+
 def run_meta(cfg: DATrainConfig, dcfg: da.DAConfig) -> dict:
     """What a checkpoint must agree on to be resumed (steps and budget may change between sessions)."""
     return {"base": cfg.base, "config": {k: getattr(dcfg, k) for k in dcfg.__dataclass_fields__},
             "align": cfg.align, "align_weight": cfg.align_weight, "w_l1": cfg.w_l1, "w_msssim": cfg.w_msssim,
             "crop": cfg.crop, "batch": cfg.batch, "lr": cfg.lr, "new_lr_mult": cfg.new_lr_mult,
             **({"zero_init": cfg.zero_init} if cfg.zero_init != "inject" else {}),  # older runs: inject
+            **({"init": cfg.init} if cfg.init else {}),
             **({"dm_real_steps": cfg.dm_real_steps} if cfg.align == "dm" else {})}
 
 
@@ -105,6 +121,8 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
             da.warm_start(mod, part, base.state_dict(), trunk)
         if cfg.zero_init == "latent":
             da.zero_at_latent(enc, dec)
+        if cfg.init:
+            init_from_model(enc, dec, cfg.init, shas)
         enc, dec = enc.to(device), dec.to(device)
         enc.base.requires_grad_(False).eval()  # frozen, never trained (paper Sec. 3.1)
         warm = list(enc.detail.trunk.parameters()) + list(dec.base.parameters())
