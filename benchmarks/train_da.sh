@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DA-VAE on TAEF2 (issue 13, paper 002) and its ablations (benchmarks/results/da.md).
 #
-#   usage: benchmarks/train_da.sh shipped|proj05|ablations|init|long|dm|export|measure
+#   usage: benchmarks/train_da.sh shipped|proj05|ablations|init|long|dm|dmctl|export|measure
 #
 # `shipped` made vaepack/weights/taef2-da-{enc,dec}.safetensors (`export` copies the run's EMA there; then
 # update sizes and sha256 in weights_manifest.yaml). Runs resume with --resume (the budget counts per
@@ -59,6 +59,9 @@ case "${1:-}" in
     taskset -c 0 vaepack train-da "${N[@]}" --align-weight 0.5 --out "$RUNS/dmi05" &
     taskset -c 1 vaepack train-da "${N[@]}" --align-weight 0.1 --out "$RUNS/dmi01" &
     wait ;;
+  dmctl)     # the control of `dm`: the same continuation with align none (what the restart alone does)
+    taskset -c 1 vaepack train-da --data "$DATA" --batch 8 --crop 256 --lr 1e-4 --new-lr-mult 5 --resume --init da \
+      --steps 1200 --align none --threads 1 --out "$RUNS/ctl" ;;
   export)
     vaepack train-da --out "$RUNS/main" --export-only
     cp "$RUNS/main/encoder.safetensors" vaepack/weights/taef2-da-enc.safetensors
@@ -70,5 +73,5 @@ case "${1:-}" in
       --json benchmarks/results/da-$(date -u +%Y%m%d).json
     python benchmarks/da_modelability.py --run "$RUNS"/* --data "$DATA" --heldout "$DEV" --steps 600 --seed 0 \
       --threads 1 --json benchmarks/results/da-modelability-$(date -u +%Y%m%d).json ;;
-  *) echo "usage: $0 shipped|proj05|ablations|init|long|dm|export|measure" >&2; exit 2 ;;
+  *) echo "usage: $0 shipped|proj05|ablations|init|long|dm|dmctl|export|measure" >&2; exit 2 ;;
 esac

@@ -143,8 +143,7 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
             ema_dec.load_state_dict(c["ema_dec"])
             opt.load_state_dict(c["opt"])
             if matcher is not None:
-                matcher.fake.load_state_dict(c["dm_fake"])
-                matcher.opt.load_state_dict(c["dm_opt"])
+                matcher.load_state_dict(c)
             step = c["step"]
 
         def save():
@@ -152,8 +151,7 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
                                "ema_enc": ema_enc.state_dict(), "ema_dec": ema_dec.state_dict(),
                                "opt": opt.state_dict(), "step": step, "rng": rng.getstate(),
                                "torch_rng": torch.get_rng_state(), "shas": shas, "command": cfg.command,
-                               **({"dm_fake": matcher.fake.state_dict(), "dm_opt": matcher.opt.state_dict()}
-                                  if matcher is not None else {})}, ckpt)
+                               **(matcher.state_dict() if matcher is not None else {})}, ckpt)
 
         log.info("DA-VAE: %d photos, D=%d, align %s %.3g, %d trainable parameters", len(images),
                  dcfg.detail_channels, cfg.align, cfg.align_weight, sum(p.numel() for p in params))

@@ -138,8 +138,7 @@ def _train(
             ema.load_state_dict(c["ema"])
             opt.load_state_dict(c["opt"])
             if matcher is not None:
-                matcher.fake.load_state_dict(c["dm_fake"])
-                matcher.opt.load_state_dict(c["dm_opt"])
+                matcher.load_state_dict(c)
             state = TrainState(**c["state"])
 
         def save():
@@ -147,8 +146,7 @@ def _train(
                                "state": asdict(state), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
                                "meta": student_meta, "schedule": schedule, "teacher_id": cfg.teacher_id,
                                "data_dir": str(cfg.data_dir),
-                               **({"dm_fake": matcher.fake.state_dict(), "dm_opt": matcher.opt.state_dict()}
-                                  if matcher is not None else {})}, ckpt)
+                               **(matcher.state_dict() if matcher is not None else {})}, ckpt)
 
         log.info("%s distillation: %s, schedule %s, batch %d, lr %g (%s), %d views, device %s, threads %d",
                  kind, json.dumps(student_meta), schedule, cfg.batch, cfg.lr, cfg.lr_kind, len(pool), device,

@@ -239,6 +239,17 @@ class DistributionMatcher:
     def from_real_flow(cls, rf: RealFlow, cfg: DMConfig | None = None) -> "DistributionMatcher":
         return cls(rf.model, cfg, mean=rf.mean, std=rf.std)
 
+    def state_dict(self) -> dict:
+        """What a trainer's checkpoint keeps of the matcher (keys prefixed so they sit beside its own)."""
+        return {"dm_fake": self.fake.state_dict(), "dm_opt": self.opt.state_dict(), "dm_gen": self.gen.get_state()}
+
+    def load_state_dict(self, c: dict) -> None:
+        """Restore from a checkpoint written with ``state_dict`` (older ones have no generator state)."""
+        self.fake.load_state_dict(c["dm_fake"])
+        self.opt.load_state_dict(c["dm_opt"])
+        if "dm_gen" in c:
+            self.gen.set_state(c["dm_gen"])
+
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         if self.mean is None:
             return z
