@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bridge-bf16", action="store_true", help="also each bridge under torch bf16 autocast")
     ap.add_argument("--manifest-bridge", nargs="*", default=[], help="manifest bridge ids, run as `convert` runs "
                     "them on --backend auto")
+    ap.add_argument("--per-photo", action="store_true", help="also each crop's error (MSE / the pooled target "
+                    "variance: the crop rel MSE is their mean) and a per-photo table vs the pixel path")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
 
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
     photos = list_images(a.data, recursive=True, require=True)
 
     sets = {"crop": [], "full": []}
+    crop_names = []
     for p in photos:
         x = load_image(p)
         h, w = x.shape[-2:]
@@ -89,6 +92,7 @@ def main(argv=None) -> int:
         if min(h, w) >= c:
             y0, x0 = (h - c) // 2, (w - c) // 2
             sets["crop"].append(x[:, y0:y0 + c, x0:x0 + c][None])
+            crop_names.append(p.stem)
         if not a.no_full:
             sets["full"].append(x[:, : h // 32 * 32, : w // 32 * 32][None])
     paths = {"pixel": (lambda z: tenc(sdec(z).clamp(0, 1)), None, {"runtime": "torch fp32"})}
@@ -134,6 +138,10 @@ def main(argv=None) -> int:
                     row[k] = latent_agreement(preds, [t for _, t in pairs])
                     # the attention-fidelity objective's own measure (token-affinity KL, tau 0.1)
                     row[k]["attn_kl"] = sum(attention_fidelity(p, t).item() for p, (_, t) in zip(preds, pairs)) / len(pairs)
+                    if a.per_photo and k == "crop":
+                        var = torch.cat([t.double().flatten() for _, t in pairs]).var().item()
+                        row[k]["per_photo"] = {n: ((p.double() - t.double()) ** 2).mean().item() / var
+                                               for n, p, (_, t) in zip(crop_names, preds, pairs)}
             zshape = (1, zlat.shape[1], s // 8, s // 8)
             if parts is None:
                 macs = count_macs(sdec, zshape) + count_macs(tenc, (1, 3, s, s))
@@ -171,6 +179,12 @@ def main(argv=None) -> int:
                      f"{r['latency_ms']:.1f} | {c.get('rel_mse', 0) / base['crop']['rel_mse']:.2f}x / "
                      f"{r['gmacs'] / base['gmacs']:.3f}x / {r['latency_ms'] / base['latency_ms']:.3f}x |")
     print("\n".join(lines))
+    if a.per_photo and crop_names:
+        print(f"\n| crop | {' | '.join(r['path'] for r in rows)} | {' | '.join(r['path'] + ' / pixel' for r in rows[1:])} |")
+        print("|---" * (2 * len(rows)) + "|")
+        for n in crop_names:
+            v = [r["crop"]["per_photo"][n] for r in rows]
+            print(f"| {n} | {' | '.join(f'{e:.4f}' for e in v)} | {' | '.join(f'{e / v[0]:.2f}x' for e in v[1:])} |")
     if a.json:
         from vaepack.bench.machine import machine_info
 
