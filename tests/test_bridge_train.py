@@ -339,6 +339,34 @@ def test_freeze_keeps_the_leading_layers_and_the_export_config_clean(tmp_path, s
         BridgeTrainConfig(data, tmp_path / "r3", freeze=2, warm_start=False).validate()
 
 
+def test_l2sp_keeps_the_projector_nearer_its_warm_start(tmp_path, shared_weights):
+    """--l2sp W adds W x the squared distance of the warm-started layers from TAESana's weights: a large W
+    ends nearer the warm start than the same run without it; part of the run, not of the export."""
+    from vaepack.loader import load_part
+
+    data = _images(tmp_path / "data", n=2)
+    enc = load_part("taesana", "encoder")[0].state_dict()
+
+    def distance(out):
+        c = torch.load(out / "checkpoint.pt", weights_only=False)
+        return sum(((v - enc[k[len("layers."):]].float()) ** 2).sum().item() for k, v in c["model"].items()
+                   if k.startswith("layers."))
+
+    free, held = tmp_path / "free", tmp_path / "held"
+    run_train_bridge(_cfg(data, free, tap="rgb", blocks=None, steps=6, latent_skip=1))
+    res = run_train_bridge(_cfg(data, held, tap="rgb", blocks=None, steps=6, latent_skip=1, l2sp=100.0))
+    assert res["l2sp"] == 100.0
+    assert 0 < distance(held) < 0.5 * distance(free)
+    with safe_open(str(held / "bridge.safetensors"), framework="pt") as h:
+        assert "l2sp" not in json.loads(h.metadata()["config"])
+    with pytest.raises(UsageError, match="different bridge config"):
+        run_train_bridge(_cfg(data, held, tap="rgb", blocks=None, steps=8, latent_skip=1, resume=True))
+    with pytest.raises(UsageError, match="--l2sp"):
+        BridgeTrainConfig(data, tmp_path / "r3", l2sp=1.0, warm_start=False).validate()
+    with pytest.raises(UsageError, match="--l2sp"):
+        BridgeTrainConfig(data, tmp_path / "r4", l2sp=-1.0).validate()
+
+
 def test_shipped_bridge_is_closer_to_taesana_than_the_pixel_path(shared_weights, shared):
     """The manifest's FLUX.2 -> Sana bridge against an external oracle, TAESana's own encoder on the
     photo: on center 256 px crops of six dev photos its pooled relative MSE is below the pixel path's

@@ -198,6 +198,8 @@ def train_bridge(
     min_scale: float = typer.Option(1.0, "--min-scale", help="Shrink each photo by a random factor in [this, 1] before "
                                     "each crop (1: no scale jitter)."),
     rot90: bool = typer.Option(False, "--rot90", help="Also turn each training crop by a random multiple of 90 degrees."),
+    l2sp: float = typer.Option(0.0, "--l2sp", help="Pull the warm-started layers toward the warm start (L2-SP: this "
+                               "weight x their squared distance from it; 0: off)."),
     pairs_backend: str = typer.Option("torch", "--pairs-backend", help="Runtime that encodes the source latents (and "
                                       "decodes them for the rgb tap) when building pairs: torch, openvino, auto..."),
     latent_skip: int = typer.Option(0, "--latent-skip", help="The projector also reads the source latent at its 1/8 "
@@ -241,7 +243,7 @@ def train_bridge(
                             warm_start=not no_warm_start, w_feat=w_feat,
                             steps=steps, batch=batch, crop=crop, crops_per_image=crops_per_image,
                             min_scale=min_scale, rot90=rot90, pairs_backend=pairs_backend, latent_skip=latent_skip, lr=lr, ema=ema,
-                            train=train_what, skip_hidden=skip_hidden, freeze=freeze,
+                            train=train_what, skip_hidden=skip_hidden, freeze=freeze, l2sp=l2sp,
                             w_mse=w_mse, w_l1=w_l1, w_attn=w_attn, attn_tau=attn_tau, resume=resume,
                             max_minutes=budget_minutes, seed=seed, threads=threads, device=device, bf16=bf16,
                             cache_path=cache,

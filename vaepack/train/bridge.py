@@ -229,7 +229,8 @@ def bridge_meta(cfg: BridgeTrainConfig, bcfg: B.BridgeConfig) -> dict:
             "blocks": list(bcfg.blocks) if bcfg.blocks else None, "adapter_blocks": bcfg.adapter_blocks,
             "latent_skip": bcfg.latent_skip, "skip_stages": bcfg.skip_stages,
             **({"skip_hidden": bcfg.skip_hidden} if bcfg.skip_hidden else {}),  # older runs stay resumable
-            **({"freeze": cfg.freeze} if cfg.freeze else {})}  # training only: not part of the exported config
+            **({"freeze": cfg.freeze} if cfg.freeze else {}),  # training only: not part of the exported config
+            **({"l2sp": cfg.l2sp} if cfg.l2sp else {})}
 
 
 def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -> dict:
@@ -260,6 +261,8 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
         start = 0 if bcfg.tap == "rgb" else 1  # where the projector's tail begins (after the adapter)
         n_frozen = frozen_layers(model, cfg.freeze, start)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        # L2-SP's anchor: the warm start itself (taken before a resume loads the trained weights)
+        anchor = [(p, p.detach().clone()) for p in model.layers.parameters() if p.requires_grad] if cfg.l2sp else []
         meta = bridge_meta(cfg, bcfg)
         step = 0
         c = resume_checkpoint(ckpt, meta, device, rng, "bridge")
@@ -296,6 +299,9 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
                             h = model.layers[start:start + n_frozen](a)
                     pred = model.tail(h, start + n_frozen, z if bcfg.latent_skip else None)
                 terms = bridge_loss(pred.float(), t, cfg, a.float(), ft)
+                if anchor:
+                    terms["l2sp"] = sum(((p - p0) ** 2).sum() for p, p0 in anchor)
+                    terms["loss"] = terms["loss"] + cfg.l2sp * terms["l2sp"]
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 opt.step()
@@ -318,7 +324,8 @@ def export_bridge(run_dir: str | Path, command: str | None = None, out: str | Pa
 
     run_dir = Path(run_dir)
     c = torch.load(run_dir / "checkpoint.pt", weights_only=False, map_location="cpu")
-    conf = {k: v for k, v in c["meta"].items() if k != "freeze"}  # the exported config: architecture + spaces
+    # the exported config: architecture + spaces (freeze and l2sp are training only)
+    conf = {k: v for k, v in c["meta"].items() if k not in ("freeze", "l2sp")}
     model = B.Bridge(B.BridgeConfig(**{k: v for k, v in conf.items() if k not in ("source", "target")}))
     model.load_state_dict(c["ema"])
     meta = provenance(command, kind="bridge", config=json.dumps(conf, sort_keys=True), steps=c["step"],

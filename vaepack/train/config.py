@@ -311,6 +311,9 @@ class BridgeTrainConfig:
     w_feat: float = 0.0  # adapter output vs the target encoder's features at the entry point (MSE / variance)
     train: str = "all"  # all: the whole projector learns; skip: only the latent-skip convs (the rest stays the warm start)
     freeze: int = 0  # the projector's first N layers stay the warm start (before the latent skip enters; no backward there)
+    # L2-SP (Li et al. 2018): + l2sp x the squared distance of the warm-started layers from the warm start,
+    # a soft version of ``freeze`` against memorizing the cached crops (0: off)
+    l2sp: float = 0.0
     attn_max_tokens: int = 32  # affinities on at most 32x32 tokens (average-pooled above)
     resume: bool = False
     max_minutes: float | None = None
@@ -341,6 +344,9 @@ class BridgeTrainConfig:
             raise UsageError(f"--crop must be a multiple of 32 (the target's factor), got {self.crop}")
         if not 0 < self.min_scale <= 1:
             raise UsageError(f"--min-scale must be in (0, 1], got {self.min_scale}")
+        if self.l2sp < 0 or (self.l2sp > 0 and not self.warm_start):
+            raise UsageError(f"--l2sp {self.l2sp}: needs a value >= 0 and the warm start (it pulls toward it)",
+                             hint="drop --no-warm-start, or --l2sp")
         if self.pairs_backend != "torch" and self.tap not in ("rgb", "latent"):
             raise UsageError(f"--pairs-backend {self.pairs_backend} gives latents and decoded images only; the "
                              f"'{self.tap}' tap's features come from torch", hint="use --pairs-backend torch")
