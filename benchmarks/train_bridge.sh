@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The FLUX.2 -> Sana bridges of issue 14 (paper 001) and the variants in benchmarks/results/bridge.md.
 #
-#   usage: benchmarks/train_bridge.sh shipped|skip|hidden|freeze|rot90|variants|old|export
+#   usage: benchmarks/train_bridge.sh shipped|skip|hidden|freeze|rot90|reg|variants|old|export
 #
 # `variants` (the first table of benchmarks/results/bridge.md) share one training-pair cache (PAIRS: 8 random 256 px crops of each training photo, mirrored
 # at random, through TAEF2's and TAESana's encoders in fp32; built by the first run, ~14 min on 2 cores)
@@ -40,7 +40,13 @@ case "${1:-}" in
       --latent-skip 1 --freeze 5 --steps 3000 --lr 1e-4 --threads 1 --out "$RUNS/rgb32-s1-f5-3k" --resume ;;
   rot90)     # PAIRS32's recipe with every crop also turned by a random multiple of 90 degrees (PAIRS32R), 3000 steps
     vaepack train-bridge --source taef2 --target taesana --data "$DATA" --cache "$PAIRS32R" "${JIT[@]}" --crops-per-image 32 \
-      --rot90 --latent-skip 1 --steps 3000 --lr 1e-4 --threads 2 --out "$RUNS/rgb32r-s1-3k" --resume ;;
+      --rot90 --latent-skip 1 --steps 3000 --lr 1e-4 --threads 1 --out "$RUNS/rgb32r-s1-3k" --resume ;;
+  reg)       # rot90's recipe against memorizing the crops: MSE only (no L1), and L2-SP toward TAESana's weights
+    R=(--source taef2 --target taesana --data "$DATA" --cache "$PAIRS32R" "${JIT[@]}" --crops-per-image 32 --rot90
+       --latent-skip 1 --steps 3000 --lr 1e-4 --threads 1 --resume)
+    vaepack train-bridge "${R[@]}" --w-l1 0 --out "$RUNS/rgb32r-mse"
+    vaepack train-bridge "${R[@]}" --l2sp 1e-3 --out "$RUNS/rgb32r-l2sp1e-3"
+    vaepack train-bridge "${R[@]}" --l2sp 3e-4 --out "$RUNS/rgb32r-l2sp3e-4" ;;
   old)       # the bridge shipped before (8 crops per photo at scale 1, no latent skip)
     vaepack train-bridge "${COMMON[@]}" --out "$RUNS/rgb" --tap rgb --steps 1500 --lr 1e-4 --resume ;;
   variants)  # the comparison of taps and loss terms (each from TAESana's layers; the adapter is new)
@@ -54,5 +60,5 @@ case "${1:-}" in
   export)
     cp "$RUNS/rgb32-s1/bridge.safetensors" vaepack/weights/bridge-taef2-taesana-rgb-skip.safetensors
     sha256sum vaepack/weights/bridge-taef2-taesana-rgb-skip.safetensors ;;
-  *) echo "usage: $0 shipped|skip|hidden|freeze|rot90|variants|old|export" >&2; exit 2 ;;
+  *) echo "usage: $0 shipped|skip|hidden|freeze|rot90|reg|variants|old|export" >&2; exit 2 ;;
 esac

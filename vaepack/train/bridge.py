@@ -32,8 +32,8 @@ from vaepack.errors import UsageError
 from vaepack.models import bridge as B
 from vaepack.models import tae
 from vaepack.train.common import (StepLog, Stop, atomic_torch_save, autocast, ema_decay_at, ema_update, export_safetensors,
-                                  load_images, log, provenance, resume_checkpoint, training_session,
-                                  warmup_cosine_lr)
+                                  load_images, log, provenance, resume_checkpoint, run_summary,
+                                  training_session, warmup_cosine_lr)
 from vaepack.train.config import BridgeTrainConfig
 
 Progress = Callable[[dict], None]  # {"phase": "pairs" | "train", "step", "total", "loss", "steps_per_s"}
@@ -311,11 +311,7 @@ def run_train_bridge(cfg: BridgeTrainConfig, progress: Progress | None = None) -
                 if slog.due_save():
                     save()
         save()
-        out = export_bridge(run_dir, cfg.command)
-        done = step >= cfg.steps
-        log.info("stopped at step %d (%s); exported %s", step, "done" if done else "interrupted/budget", out)
-        return {"step": step, "steps": cfg.steps, "done": done, "exported": str(out), "pairs": n_pairs,
-                "minutes": slog.minutes, **meta}
+        return run_summary(step, cfg.steps, str(export_bridge(run_dir, cfg.command)), slog.minutes, meta, pairs=n_pairs)
 
 
 def export_bridge(run_dir: str | Path, command: str | None = None, out: str | Path | None = None) -> Path:

@@ -145,6 +145,14 @@ def warmup_cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> f
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * f)))
 
 
+def run_summary(step: int, steps: int, exported: object, minutes: float, meta: dict, **extra: object) -> dict:
+    """The end of a run (done, or stopped by Ctrl-C / the budget after its checkpoint and export): one log
+    line and the summary dict a trainer returns (the CLI prints it; --json)."""
+    done = step >= steps
+    log.info("stopped at step %d (%s); exported %s", step, "done" if done else "interrupted/budget", exported)
+    return {"step": step, "steps": steps, "done": done, "exported": exported, **extra, "minutes": minutes, **meta}
+
+
 class StepLog:
     """The loss terms of the steps since the last log line, averaged into one line of the run log
     (and one ``progress`` call) every ``every`` steps and at ``total``; ``due_save()`` is true once

@@ -21,8 +21,8 @@ from vaepack.errors import UsageError
 from vaepack.metrics import ms_ssim_loss
 from vaepack.models import da
 from vaepack.train.common import (StepLog, Stop, atomic_torch_save, autocast, ema_decay_at, ema_update, export_safetensors,
-                                  load_images, log, provenance, random_crops, resume_checkpoint, training_session,
-                                  warmup_cosine_lr)
+                                  load_images, log, provenance, random_crops, resume_checkpoint, run_summary,
+                                  training_session, warmup_cosine_lr)
 from vaepack.train.config import DATrainConfig
 
 Progress = Callable[[dict], None]  # {"phase": "train", "step", "total", "loss", "steps_per_s"}
@@ -180,11 +180,7 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
                 if slog.due_save():
                     save()
         save()
-        outs = export_da(run_dir, cfg.command)
-        done = step >= cfg.steps
-        log.info("stopped at step %d (%s); exported %s", step, "done" if done else "interrupted/budget", outs)
-        return {"step": step, "steps": cfg.steps, "done": done, "exported": [str(p) for p in outs],
-                "minutes": slog.minutes, **meta}
+        return run_summary(step, cfg.steps, [str(p) for p in export_da(run_dir, cfg.command)], slog.minutes, meta)
 
 
 def export_da(run_dir: str | Path, command: str | None = None, out_dir: str | Path | None = None) -> list[Path]:
