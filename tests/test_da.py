@@ -295,6 +295,9 @@ def test_train_init_continues_a_shipped_model_and_refuses_another_architecture(t
     for bad in ({"init": "taef2"}, {"init": "da", "detail_channels": 64}):
         with pytest.raises(UsageError, match="--init"):
             run_train_da(DATrainConfig(data, tmp_path / f"bad{len(bad)}", steps=1, batch=1, crop=64, **bad))
+    assert "trunk_encoder" not in c["shas"]  # no warm start to record: every weight came from the model
+    with pytest.raises(UsageError, match="--init"):
+        DATrainConfig(data, tmp_path / "bad3", init="da", zero_init="latent").validate()
 
 
 @pytest.mark.parametrize("filt", ["bicubic", "bilinear"])

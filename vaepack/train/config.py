@@ -465,6 +465,9 @@ class DATrainConfig:
             raise UsageError(f"--detail-trunk must be s2d or taef2, got {self.detail_trunk!r}")
         if self.zero_init not in ("inject", "latent"):
             raise UsageError(f"--zero-init must be inject or latent, got {self.zero_init!r}")
+        if self.init and self.zero_init != "inject":
+            raise UsageError("--zero-init places the zeros of a fresh run; --init starts from trained weights",
+                             hint="drop one of them")
         training_images(self.data_dir)
 
 

@@ -87,7 +87,8 @@ def init_from_model(enc: da.DAEncoder, dec: da.DADecoder, model: str, shas: dict
                              f"({getattr(src, 'cfg', entry.part(part).family)} vs {mod.cfg})",
                              hint="pass the same --detail-channels/--detail-trunk as the model, or another --init")
         mod.load_state_dict(src.state_dict())
-    log.info("initialized from %s (%s)", entry.id, ", ".join(f"{k} {v[:12]}" for k, v in shas.items() if k.startswith("init_")))
+    log.info("initialized from %s (%s)", entry.id,
+             ", ".join(f"{k} {v[:12]}" for k, v in shas.items() if k.startswith("init_")))
 
 
 def run_meta(cfg: DATrainConfig, dcfg: da.DAConfig) -> dict:
@@ -109,20 +110,21 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
         dcfg = da_config(cfg)
         shas = {}
         enc, dec = da.build("encoder", dcfg), da.build("decoder", dcfg)
-        trunk = None
-        if TRUNK_FROM[dcfg.detail_trunk]:
-            tmod, tentry, shas["trunk_encoder"] = load_part(TRUNK_FROM[dcfg.detail_trunk], "encoder")
-            trunk = tmod.state_dict()
-            log.info("detail trunk from %s's encoder", tentry.id)
-        for part, mod in (("encoder", enc), ("decoder", dec)):
-            base, entry, shas[f"{cfg.base}_{part}"] = load_part(cfg.base, part)
-            if entry.space.channels != dcfg.base_channels or entry.space.factor != 8:
-                raise UsageError(f"--base '{cfg.base}' is not a 32-channel f8 model (DA-VAE builds on TAEF2)")
-            da.warm_start(mod, part, base.state_dict(), trunk)
-        if cfg.zero_init == "latent":
-            da.zero_at_latent(enc, dec)
-        if cfg.init:
+        if cfg.init:  # every weight comes from the model (its base is TAEF2's, bit-exact): no warm start
             init_from_model(enc, dec, cfg.init, shas)
+        else:
+            trunk = None
+            if TRUNK_FROM[dcfg.detail_trunk]:
+                tmod, tentry, shas["trunk_encoder"] = load_part(TRUNK_FROM[dcfg.detail_trunk], "encoder")
+                trunk = tmod.state_dict()
+                log.info("detail trunk from %s's encoder", tentry.id)
+            for part, mod in (("encoder", enc), ("decoder", dec)):
+                base, entry, shas[f"{cfg.base}_{part}"] = load_part(cfg.base, part)
+                if entry.space.channels != dcfg.base_channels or entry.space.factor != 8:
+                    raise UsageError(f"--base '{cfg.base}' is not a 32-channel f8 model (DA-VAE builds on TAEF2)")
+                da.warm_start(mod, part, base.state_dict(), trunk)
+            if cfg.zero_init == "latent":
+                da.zero_at_latent(enc, dec)
         enc, dec = enc.to(device), dec.to(device)
         enc.base.requires_grad_(False).eval()  # frozen, never trained (paper Sec. 3.1)
         warm = list(enc.detail.trunk.parameters()) + list(dec.base.parameters())
