@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DA-VAE on TAEF2 (issue 13, paper 002) and its ablations (benchmarks/results/da.md).
 #
-#   usage: benchmarks/train_da.sh shipped|proj05|ablations|init|long|dm|dmctl|export|measure
+#   usage: benchmarks/train_da.sh shipped|proj05|ablations|init|long|dm|dmctl|dmjoint|export|measure
 #
 # `shipped` made vaepack/weights/taef2-da-{enc,dec}.safetensors (`export` copies the run's EMA there; then
 # update sizes and sha256 in weights_manifest.yaml). Runs resume with --resume (the budget counts per
@@ -62,6 +62,18 @@ case "${1:-}" in
   dmctl)     # the control of `dm`: the same continuation with align none (what the restart alone does)
     taskset -c 1 vaepack train-da --data "$DATA" --batch 8 --crop 256 --lr 1e-4 --new-lr-mult 5 --resume --init da \
       --steps 1200 --align none --threads 1 --out "$RUNS/ctl" ;;
+  dmjoint)   # issue 15: as `dm`, with --align dm-joint (each detail group matched beside the base latent of its photo
+             # to (z, z)), lambda 0.5 and 0.1, one pinned core and 1 thread each (da.md section 7); then reconstruction
+             # and modelability of each run on the same core
+    N=(--data "$DATA" --batch 8 --crop 256 --lr 1e-4 --new-lr-mult 5 --resume --init da --steps 1200 --align dm-joint --threads 1)
+    one() {
+      taskset -c "$1" vaepack train-da "${N[@]}" --align-weight "$2" --out "$RUNS/$3"
+      taskset -c "$1" python benchmarks/da.py --data "$DEV" --run "$RUNS/$3" --no-full --size 64 --repeat 1 --threads 1 \
+        --json "benchmarks/results/da-$3-$(date -u +%Y%m%d).json"
+      taskset -c "$1" python benchmarks/da_modelability.py --run "$RUNS/$3" --data "$DATA" --heldout "$DEV" \
+        --parts full,detail --steps 600 --seed 0 --threads 1 --json "benchmarks/results/da-modelability-$3-$(date -u +%Y%m%d).json"
+    }
+    one 0 0.5 dj05 & one 1 0.1 dj01 & wait ;;
   export)
     vaepack train-da --out "$RUNS/main" --export-only
     cp "$RUNS/main/encoder.safetensors" vaepack/weights/taef2-da-enc.safetensors
@@ -73,5 +85,5 @@ case "${1:-}" in
       --json benchmarks/results/da-$(date -u +%Y%m%d).json
     python benchmarks/da_modelability.py --run "$RUNS"/* --data "$DATA" --heldout "$DEV" --steps 600 --seed 0 \
       --threads 1 --json benchmarks/results/da-modelability-$(date -u +%Y%m%d).json ;;
-  *) echo "usage: $0 shipped|proj05|ablations|init|long|dm|dmctl|export|measure" >&2; exit 2 ;;
+  *) echo "usage: $0 shipped|proj05|ablations|init|long|dm|dmctl|dmjoint|export|measure" >&2; exit 2 ;;
 esac

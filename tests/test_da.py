@@ -243,9 +243,13 @@ def test_train_lowers_loss_resumes_exports_and_loads(tmp_path, shared_weights, o
             load_part_from_files(PartSpec(part, "da", {"detail_channels": 64}, ()), [f], "run")
 
 
-def test_train_with_distribution_matching_resumes(tmp_path, shared_weights, one_thread):
-    """--align dm (paper 003's DMD loss on the detail groups, reference = the base channels): the
-    real flow is trained once and cached, the fake flow's state rides in the checkpoint."""
+@pytest.mark.parametrize("align", ["dm", "dm-joint"])
+def test_train_with_distribution_matching_resumes(tmp_path, shared_weights, one_thread, align):
+    """--align dm / dm-joint (paper 003's DMD loss on the detail groups, reference = the base channels,
+    alone or in both slots): the real flow is trained once and cached, on C or 2C channels, and the
+    fake flow's state rides in the checkpoint."""
+    from safetensors import safe_open
+
     from vaepack.io import save_image
     from vaepack.train.config import DATrainConfig
     from vaepack.train.da import run_train_da
@@ -257,17 +261,34 @@ def test_train_with_distribution_matching_resumes(tmp_path, shared_weights, one_
     seen: list[dict] = []
 
     def cfg(steps, resume=False, stop_at=None):
-        return DATrainConfig(data, tmp_path / "run", steps=steps, stop_at=stop_at, batch=2, crop=64, align="dm",
+        return DATrainConfig(data, tmp_path / "run", steps=steps, stop_at=stop_at, batch=2, crop=64, align=align,
                              align_weight=0.5, dm_real_steps=5, log_every=1, bf16=False, resume=resume)
 
     res = run_train_da(cfg(5, stop_at=3), progress=seen.append)  # --stop-at: the schedule of 5 steps, stopped at 3
     assert res["step"] == 3 and not res["done"] and res["exported"]
-    assert len(list((tmp_path / "run").glob("dm-real-*.safetensors"))) == 1
+    (real,) = (tmp_path / "run").glob("dm-real-*.safetensors")
+    with safe_open(str(real), "pt") as f:
+        assert f.get_tensor("norm.mean").shape == ((64,) if align == "dm-joint" else (32,))
     c = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert "dm_fake" in c and c["meta"]["align"] == "dm"
+    assert "dm_fake" in c and c["meta"]["align"] == align
     assert run_train_da(cfg(5, resume=True))["step"] == 5
     log = (tmp_path / "run" / "train.log").read_text()
     assert " dm " in log
+
+
+def test_dm_sample_pairs_each_detail_group_with_its_own_base_latent():
+    """dm-joint hands the matcher (z, group) pairs of the same photo; dm the groups alone (Eq. 4's
+    members: group j = channels i r + j)."""
+    from vaepack.train.da import dm_sample
+
+    z, z_d = torch.randn(2, 32, 3, 5), torch.randn(2, 64, 3, 5)
+    assert torch.equal(dm_sample(z, z_d, "dm"), da.groups(z_d, 32))
+    j = dm_sample(z, z_d, "dm-joint")
+    assert j.shape == (4, 64, 3, 5)
+    for b in range(2):
+        for g in range(2):
+            assert torch.equal(j[2 * b + g, :32], z[b])
+            assert torch.equal(j[2 * b + g, 32:], z_d[b, g::2])
 
 
 def test_train_init_continues_a_shipped_model_and_refuses_another_architecture(tmp_path, shared_weights, one_thread):

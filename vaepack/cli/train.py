@@ -277,8 +277,9 @@ def train_da(
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, log, encoder/decoder.safetensors."),
     detail_channels: int = typer.Option(32, "--detail-channels", help="D: detail channels, a multiple of 32."),
     align: str = typer.Option("proj", "--align", help="Detail alignment: proj (paper 002 Eq. 3-4), dm (paper 003's "
-                              "distribution matching to the base channels' distribution) or none."),
-    dm_real_steps: int = typer.Option(2000, "--dm-real-steps", help="--align dm: training steps of the frozen real flow."),
+                              "distribution matching to the base channels' distribution), dm-joint (the same, each "
+                              "detail group matched beside the base latent of its photo to (z, z)) or none."),
+    dm_real_steps: int = typer.Option(2000, "--dm-real-steps", help="--align dm/dm-joint: training steps of the frozen real flow."),
     align_weight: float = typer.Option(0.5, "--align-weight", help="lambda_align (paper: 0.5 ImageNet, 1.0 SD3.5)."),
     detail_trunk: str = typer.Option("s2d", "--detail-trunk", help="Detail encoder trunk: s2d (the default encoder's, "
                                      "warm-started from it) or taef2 (TAEF2's, ~3x the cost)."),

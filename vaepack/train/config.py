@@ -381,8 +381,9 @@ class BridgeTrainConfig:
 
 # ---------------------------------------------------------------------------- DA-VAE (paper 002)
 # Eq. 3-4 grouped-mean alignment; distribution matching of the detail groups to the base channels'
-# distribution (paper 003's DMD loss, vaepack.train.dm: issue 15 compares the two on equal budgets); none.
-DA_ALIGN = ("proj", "dm", "none")
+# distribution (paper 003's DMD loss, vaepack.train.dm: issue 15 compares the two on equal budgets), as a
+# marginal (dm) or beside the base latent (dm-joint, vaepack.train.da.dm_sample); none.
+DA_ALIGN = ("proj", "dm", "dm-joint", "none")
 
 
 @dataclass
@@ -404,7 +405,7 @@ class DATrainConfig:
     detail_channels: int = 32
     align: str = "proj"
     align_weight: float = 0.5
-    dm_real_steps: int = 2000  # align dm: steps of the frozen real flow on the base latents of the photos
+    dm_real_steps: int = 2000  # align dm/dm-joint: steps of the frozen real flow on the base latents of the photos
     down_filter: str = "bicubic"
     detail_trunk: str = "s2d"  # vaepack.models.da.TRUNKS: s2d (from the default encoder) or taef2
     detail_blocks: int = 1

@@ -39,7 +39,7 @@ TRUNK_FROM = {"s2d": "default", "taef2": None}  # the encoder whose weights star
 def da_loss(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, z_d: torch.Tensor, cfg: DATrainConfig,
             matcher=None) -> dict:
     """The training loss and its terms (x: photo, y: reconstruction, both [0, 1] fp32). ``matcher``
-    (align dm): a vaepack.train.dm.DistributionMatcher on the base channels' distribution."""
+    (align dm, dm-joint): a vaepack.train.dm.DistributionMatcher on the base channels' distribution."""
     terms = {"l1": (y - x).abs().mean()}
     if cfg.w_msssim:
         terms["msssim"] = ms_ssim_loss(y.clamp(0, 1), x)
@@ -47,16 +47,34 @@ def da_loss(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, z_d: torch.Tensor
     loss = cfg.w_l1 * terms["l1"] + cfg.w_msssim * terms.get("msssim", 0.0)
     if cfg.align == "proj":
         loss = loss + cfg.align_weight * terms["align"]
-    elif cfg.align == "dm":
-        terms["dm"] = matcher.loss(da.groups(z_d, z.shape[1]))
+    elif cfg.align in DM_ALIGN:
+        terms["dm"] = matcher.loss(dm_sample(z, z_d, cfg.align))
         loss = loss + cfg.align_weight * terms["dm"]
     return {"loss": loss, **terms}
+
+
+DM_ALIGN = ("dm", "dm-joint")
+
+
+def dm_sample(z: torch.Tensor, z_d: torch.Tensor, align: str) -> torch.Tensor:
+    """What the distribution matcher sees of a batch. ``dm``: the detail groups alone (B r, C, h, w),
+    matched to the base channels' marginal distribution. ``dm-joint``: each group beside the base latent
+    of its photo (B r, 2C, h, w), matched to the base channels' distribution in both slots, (z, z): the
+    pair, not only the marginal, so the match also asks for paper 002's structure - a detail group that
+    reads like the base latent at the same place (Proj(z_d) ~ z, Eq. 3) - as a distribution, not per sample.
+    (A marginal match adds no dependence on z and cannot make the joint latent easier to model: da.md
+    section 6.)"""
+    g = da.groups(z_d, z.shape[1])
+    if align == "dm-joint":
+        return torch.cat([z.repeat_interleave(g.shape[0] // z.shape[0], 0), g], 1)
+    return g
 
 
 def base_matcher(enc: da.DAEncoder, images: list[torch.Tensor], cfg: DATrainConfig, run_dir: Path,
                  device: torch.device):
     """align dm: the reference is the base channels' own distribution - z of every training photo
-    (half size, padded to 16 px) - its frozen real flow trained once and cached in the run folder."""
+    (half size, padded to 16 px) - its frozen real flow trained once and cached in the run folder;
+    dm-joint: the same latents in both slots, (z, z) (``dm_sample``)."""
     from vaepack.modelability import FlowTrainConfig
     from vaepack.pipeline import pad_to_multiple
     from vaepack.train.dm import DistributionMatcher, DMConfig, Reference, real_flow
@@ -65,12 +83,14 @@ def base_matcher(enc: da.DAEncoder, images: list[torch.Tensor], cfg: DATrainConf
     with torch.no_grad():
         for img in images:
             x = pad_to_multiple(img[None].float().to(device) / 255, 16)[0]
-            lat.append(enc.base(da.half(x, enc.cfg.down_filter))[0].float().cpu())
+            z = enc.base(da.half(x, enc.cfg.down_filter))[0].float().cpu()
+            lat.append(torch.cat([z, z]) if cfg.align == "dm-joint" else z)
     # DA latents of 256 px crops are 16x16, whole photos' base latents ~20x30: the flow trains on 8x8 crops
     # (smaller where the photos are; the flow is convolutional, so it runs at any size)
     crop = max(4, min(8, *(min(z.shape[-2:]) for z in lat)) // 2 * 2)
     dm = DMConfig(weight=cfg.align_weight, reference="base", real=FlowTrainConfig(steps=cfg.dm_real_steps, crop=crop))
-    rf = real_flow(Reference("base channels of the training photos", lat), dm.real, cache=run_dir, device=device,
+    name = "base channels of the training photos" + (", in both slots (z, z)" if cfg.align == "dm-joint" else "")
+    rf = real_flow(Reference(name, lat), dm.real, cache=run_dir, device=device,
                    progress=lambda m: log.info("%s", m))
     return DistributionMatcher.from_real_flow(rf, dm)
 
@@ -98,7 +118,7 @@ def run_meta(cfg: DATrainConfig, dcfg: da.DAConfig) -> dict:
             "crop": cfg.crop, "batch": cfg.batch, "lr": cfg.lr, "new_lr_mult": cfg.new_lr_mult,
             **({"zero_init": cfg.zero_init} if cfg.zero_init != "inject" else {}),  # older runs: inject
             **({"init": cfg.init} if cfg.init else {}),
-            **({"dm_real_steps": cfg.dm_real_steps} if cfg.align == "dm" else {})}
+            **({"dm_real_steps": cfg.dm_real_steps} if cfg.align in DM_ALIGN else {})}
 
 
 def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
@@ -135,7 +155,7 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
         opt = torch.optim.Adam([{"params": warm, "mult": 1.0}, {"params": new, "mult": cfg.new_lr_mult}], lr=cfg.lr)
         meta = run_meta(cfg, dcfg)
         images = [img for _, img in load_images(cfg.data_dir, min_side=cfg.crop)]
-        matcher = base_matcher(enc, images, cfg, run_dir, device) if cfg.align == "dm" else None
+        matcher = base_matcher(enc, images, cfg, run_dir, device) if cfg.align in DM_ALIGN else None
         step = 0
         c = resume_checkpoint(ckpt, meta, device, rng, "DA-VAE")
         if c is not None:
@@ -169,7 +189,7 @@ def run_train_da(cfg: DATrainConfig, progress: Progress | None = None) -> dict:
                     z_d = enc.detail(x)
                     y = dec(torch.cat([z, z_d], 1))
                 if matcher is not None:  # k fake-flow updates on the current (detached) detail groups
-                    matcher.fake_step(da.groups(z_d.detach().float(), dcfg.base_channels))
+                    matcher.fake_step(dm_sample(z.float(), z_d.detach().float(), cfg.align))
                 terms = da_loss(x, y.float(), z.float(), z_d.float(), cfg, matcher)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
