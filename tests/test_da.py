@@ -193,6 +193,13 @@ def test_cli_encode_decode_preview_and_refusals(tmp_path, run_cli, clean_error, 
     assert code != 0
     clean_error(err, "32 channels", "64")
     assert not (tmp_path / "x.png").exists()
+    # the detail channels are each DA model's own: da-dm's decoder refuses da's latent, unless forced
+    code, _, err = run_cli("decode", lat, "--model", "da-dm", "-o", tmp_path / "y.png")
+    assert code != 0
+    clean_error(err, "written by 'taef2-da'", "--model taef2-da")
+    assert not (tmp_path / "y.png").exists()
+    code, _, err = run_cli("decode", lat, "--model", "da-dm", "--force-space", "-o", tmp_path / "y.png")
+    assert code == 0 and (tmp_path / "y.png").exists(), err
     code, _, err = run_cli("encode", img, "--model", "da", "--format", "comfyui", "-o", tmp_path / "c.latent")
     assert code != 0
     clean_error(err, "comfyui")
@@ -289,6 +296,34 @@ def test_dm_sample_pairs_each_detail_group_with_its_own_base_latent():
         for g in range(2):
             assert torch.equal(j[2 * b + g, :32], z[b])
             assert torch.equal(j[2 * b + g, 32:], z_d[b, g::2])
+
+
+def test_shipped_da_dm_is_da_continued_with_dm_joint_and_its_detail_reads_like_the_base(dev_photo):
+    """`da-dm` (issue 15): the manifest entry names the dm-joint recipe and `da`'s weights as its start
+    (sha256 of the shipped files); its base channels are `da`'s bit for bit (both TAEF2's), and - what
+    the distribution match toward (z, z) was for - its detail channels correlate with the base latent
+    at the same place on a dev photo, where `da`'s (align none) do not (da.md section 7)."""
+    from vaepack.io import load_image
+    from vaepack.loader import load_part
+    from vaepack.manifest import load_manifest
+    from vaepack.vae import load_torch_vae
+
+    e = load_manifest().get("da-dm")
+    assert e.id == "taef2-da-dm" and e.space.name == "flux2-da"
+    _, _, sha_da = load_part("da", "encoder")
+    prov = e.part("encoder").provenance
+    assert "--align dm-joint" in prov["command"] and "--init da" in prov["command"]
+    assert sha_da.startswith(prov["init"].split("sha256 ")[1].rstrip(".)"))
+    x = load_image(dev_photo)[None]
+    x = x[..., : x.shape[-2] // 16 * 16, : x.shape[-1] // 16 * 16]
+    with torch.no_grad():
+        zs = {mid: load_torch_vae(mid, parts=("encoder",)).encode(x) for mid in ("da", "da-dm")}
+    assert torch.equal(zs["da"][:, :32], zs["da-dm"][:, :32])
+    corr = {}
+    for mid, z in zs.items():
+        pz = da.proj(z[:, 32:], 32)
+        corr[mid] = float(torch.corrcoef(torch.stack([pz.flatten(), z[:, :32].flatten()]))[0, 1])
+    assert corr["da-dm"] > 0.3 > abs(corr["da"]), corr
 
 
 def test_train_init_continues_a_shipped_model_and_refuses_another_architecture(tmp_path, shared_weights, one_thread):

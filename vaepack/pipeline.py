@@ -234,6 +234,21 @@ def check_compatible(rec: L.LatentRecord, vae: VAE, force: bool = False, path: s
         raise LatentFileError(f"latent is in the '{rec.space}' space (written by '{rec.model}') but "
                               f"'{vae.entry.id}' decodes '{vae.space.name}' latents", path=path,
                               hint="use a decoder of that space, or --force-space")
+    if vae.space.base and rec.model:
+        # A structured space shares only its base channels: the detail channels are the encoder's own
+        # code, so another model's decoder reads them wrongly (a `da-dm` latent through `da`'s decoder:
+        # 24.4 vs 27.0 dB on a dev photo) - refuse what would be a silent quality loss.
+        from vaepack.manifest import load_manifest
+
+        try:
+            wrote = load_manifest().get(rec.model).id
+        except UsageError:
+            wrote = None  # a model this manifest does not know (a run folder): nothing to compare
+        if wrote and wrote != vae.entry.id:
+            raise LatentFileError(f"latent's detail channels were written by '{wrote}' and only its decoder reads "
+                                  f"them, not '{vae.entry.id}'", path=path,
+                                  hint=f"decode with --model {wrote} (--decoder {vae.entry.base_model} for the half-size "
+                                       "preview), or --force-space")
     want = L.convention(vae.space)
     if rec.convention and rec.convention != want:
         diff = sorted(k for k in set(want) | set(rec.convention) if want.get(k) != rec.convention.get(k))
