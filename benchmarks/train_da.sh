@@ -73,7 +73,11 @@ case "${1:-}" in
       taskset -c "$1" python benchmarks/da_modelability.py --run "$RUNS/$3" --data "$DATA" --heldout "$DEV" \
         --parts full,detail --steps 600 --seed 0 --threads 1 --json "benchmarks/results/da-modelability-$3-$(date -u +%Y%m%d).json"
     }
-    one 0 0.5 dj05 & one 1 0.1 dj01 & wait ;;
+    one 0 0.5 dj05 & one 1 0.1 dj01 & wait
+    # dj01 (lambda 0.1) is the shipped taef2-da-dm (then update sizes and sha256 in weights_manifest.yaml)
+    cp "$RUNS/dj01/encoder.safetensors" vaepack/weights/taef2-da-dm-enc.safetensors
+    cp "$RUNS/dj01/decoder.safetensors" vaepack/weights/taef2-da-dm-dec.safetensors
+    ls -l vaepack/weights/taef2-da-dm-*.safetensors && sha256sum vaepack/weights/taef2-da-dm-*.safetensors ;;
   export)
     vaepack train-da --out "$RUNS/main" --export-only
     cp "$RUNS/main/encoder.safetensors" vaepack/weights/taef2-da-enc.safetensors
