@@ -36,6 +36,9 @@ def da_config(cfg: DATrainConfig) -> da.DAConfig:
 TRUNK_FROM = {"s2d": "default", "taef2": None}  # the encoder whose weights start the detail trunk (None: the base)
 
 
+DM_ALIGN = ("dm", "dm-joint")  # the alignments that run a DistributionMatcher (vaepack.train.dm)
+
+
 def da_loss(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, z_d: torch.Tensor, cfg: DATrainConfig,
             matcher=None) -> dict:
     """The training loss and its terms (x: photo, y: reconstruction, both [0, 1] fp32). ``matcher``
@@ -51,9 +54,6 @@ def da_loss(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, z_d: torch.Tensor
         terms["dm"] = matcher.loss(dm_sample(z, z_d, cfg.align))
         loss = loss + cfg.align_weight * terms["dm"]
     return {"loss": loss, **terms}
-
-
-DM_ALIGN = ("dm", "dm-joint")
 
 
 def dm_sample(z: torch.Tensor, z_d: torch.Tensor, align: str) -> torch.Tensor:
