@@ -200,6 +200,10 @@ def test_cli_encode_decode_preview_and_refusals(tmp_path, run_cli, clean_error, 
     assert not (tmp_path / "y.png").exists()
     code, _, err = run_cli("decode", lat, "--model", "da-dm", "--force-space", "-o", tmp_path / "y.png")
     assert code == 0 and (tmp_path / "y.png").exists(), err
+    code, _, err = run_cli("roundtrip", img, "--model", "da", "--decoder", "da-dm", "--save", tmp_path / "r")
+    assert code != 0
+    clean_error(err, "detail channels", "--decoder")
+    assert not (tmp_path / "r").exists()
     code, _, err = run_cli("encode", img, "--model", "da", "--format", "comfyui", "-o", tmp_path / "c.latent")
     assert code != 0
     clean_error(err, "comfyui")

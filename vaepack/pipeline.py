@@ -216,12 +216,30 @@ def encode_batch(vae: VAE, xs: list[torch.Tensor], scale: float = 1.0, filter: s
             for i, (p, s) in enumerate(zip(prepared, sources))]
 
 
+def other_detail_writer(writer: str | None, decoder_entry) -> str | None:
+    """The manifest id of ``writer`` when its latents are in a structured space and ``decoder_entry``
+    is another model of it, else None. Such a space shares only its base channels: the detail channels
+    are each encoder's own code, so another model's decoder reads them wrongly (a `da-dm` latent through
+    `da`'s decoder: 24.4 vs 27.0 dB on a dev photo) - a silent quality loss decode and roundtrip refuse.
+    A writer the manifest does not know (a run folder) gives None: nothing to compare."""
+    if not (decoder_entry.space.base and writer):
+        return None
+    from vaepack.manifest import load_manifest
+
+    try:
+        wrote = load_manifest().get(writer).id
+    except UsageError:
+        return None
+    return wrote if wrote != decoder_entry.id else None
+
+
 def check_compatible(rec: L.LatentRecord, vae: VAE, force: bool = False, path: str | None = None) -> None:
     """Refuse to decode a latent from another latent space (unless forced).
 
     Latents of one space are interchangeable by design (e.g. vaepack's default encoder and TAEF2 both
-    write FLUX.2-space latents), so the check is on the space and its recorded convention, and on
-    the channel count, which no force can fix.
+    write FLUX.2-space latents), so the check is on the space and its recorded convention (and, in a
+    structured space, on the model: ``other_detail_writer``), and on the channel count, which no force
+    can fix.
     """
     z = rec.latent
     c = vae.space.channels * (4 if rec.packed else 1)
@@ -234,21 +252,12 @@ def check_compatible(rec: L.LatentRecord, vae: VAE, force: bool = False, path: s
         raise LatentFileError(f"latent is in the '{rec.space}' space (written by '{rec.model}') but "
                               f"'{vae.entry.id}' decodes '{vae.space.name}' latents", path=path,
                               hint="use a decoder of that space, or --force-space")
-    if vae.space.base and rec.model:
-        # A structured space shares only its base channels: the detail channels are the encoder's own
-        # code, so another model's decoder reads them wrongly (a `da-dm` latent through `da`'s decoder:
-        # 24.4 vs 27.0 dB on a dev photo) - refuse what would be a silent quality loss.
-        from vaepack.manifest import load_manifest
-
-        try:
-            wrote = load_manifest().get(rec.model).id
-        except UsageError:
-            wrote = None  # a model this manifest does not know (a run folder): nothing to compare
-        if wrote and wrote != vae.entry.id:
-            raise LatentFileError(f"latent's detail channels were written by '{wrote}' and only its decoder reads "
-                                  f"them, not '{vae.entry.id}'", path=path,
-                                  hint=f"decode with --model {wrote} (--decoder {vae.entry.base_model} for the half-size "
-                                       "preview), or --force-space")
+    wrote = other_detail_writer(rec.model, vae.entry)
+    if wrote:
+        raise LatentFileError(f"latent's detail channels were written by '{wrote}' and only its decoder reads "
+                              f"them, not '{vae.entry.id}'", path=path,
+                              hint=f"decode with --model {wrote} (--decoder {vae.entry.base_model} for the half-size "
+                                   "preview), or --force-space")
     want = L.convention(vae.space)
     if rec.convention and rec.convention != want:
         diff = sorted(k for k in set(want) | set(rec.convention) if want.get(k) != rec.convention.get(k))

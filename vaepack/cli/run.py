@@ -189,7 +189,7 @@ def roundtrip(
     from vaepack.io import check_output, expand_inputs, image_float, output_paths, save_image
     from vaepack.metrics import image_metrics, mean_of_rows, unavailable_metrics
     from vaepack.perceptual import perceptual_metrics
-    from vaepack.pipeline import decode_record, decode_runtime, encode_tensor
+    from vaepack.pipeline import decode_record, decode_runtime, encode_tensor, other_detail_writer
     from vaepack.plots import save_compare
     from vaepack.runtime import load_vae
 
@@ -204,6 +204,9 @@ def roundtrip(
         raise UsageError(f"'{d_entry.id}' decodes only the base channels of '{e_entry.id}' latents (a half-size "
                          "preview), which cannot be compared with the input",
                          hint=f"use `vaepack encode --model {model}` + `vaepack decode --decoder {d_entry.id}` for a preview")
+    if other_detail_writer(model, d_entry):
+        raise UsageError(f"'{d_entry.id}' cannot read the detail channels of '{e_entry.id}' latents (each model of "
+                         f"the '{e_entry.space.name}' space has its own)", hint="drop --decoder, or pick the same model")
     enc = load_vae(model, parts=("encoder",), device=device, dtype=dtype, backend=backend)
     dec = _decoder_vae(None, decoder or model, model, device, dtype, steps, seed, backend)
     load = image_loader(max_pixels)
